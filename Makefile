@@ -1,0 +1,38 @@
+# make demo: set up .venv, train the digits autoencoder, evaluate it, write images under runs/.
+# make test: set up .venv with the test extra and run the suite.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export JAX_PLATFORMS ?= cpu
+
+.PHONY: demo test install install-test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(VENV)/.installed $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+demo: $(VENV)/.installed
+	$(PY) -m train --config configs/digits_ae.py --workdir runs/digits_ae
+	$(PY) -m train.eval --workdir runs/digits_ae
+	$(PY) -m train.sample --workdir runs/digits_ae --num 32 --out runs/digits_ae/samples.png
+	@echo "demo done: see runs/digits_ae/ (eval.json, eval/codes_scatter.png, eval/reconstructions.png, samples.png, images/)"
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest tests
+
+bench: $(VENV)/.installed-test
+	for b in bench/bench_*.py; do $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf runs .pytest_cache

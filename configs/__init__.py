@@ -1,0 +1,1 @@
+"""Experiment configs: one experiment per file, ``get_config(arg) -> ConfigDict``."""

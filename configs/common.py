@@ -1,0 +1,43 @@
+"""Fields every config shares, and the ':tiny' rule."""
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The fields every run has; experiment configs fill in task, model and data."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.batch_size = 128
+    c.total_steps = 1000
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 3
+    c.log_every = 50
+    c.image_every = 500           # PNG preview every N steps (0 = only at the end... and never)
+    c.compute_dtype = "float32"   # or "bfloat16" (float32 params, bf16 compute)
+    c.nan_policy = "stop"         # "stop": a NaN/Inf loss or gradient ends the run; "skip": skip the step
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
+    c.optim = ml_collections.ConfigDict({"lr": 1e-3, "warmup_steps": 50, "weight_decay": 1e-4,
+                                         "b1": 0.9, "b2": 0.999, "eps": 1e-8, "clip_norm": 1.0,
+                                         "final_lr_ratio": 0.0})
+    c.ema = ml_collections.ConfigDict({"decay": 0.0, "warmup": True})  # decay 0 = no EMA
+    return c
+
+
+def parse_arg(arg: str | None, allowed: tuple[str, ...]) -> set[str]:
+    """Split 'tiny,noskip' into {'tiny', 'noskip'}; an unknown word is an error naming it."""
+    words = {w for w in (arg or "").split(",") if w}
+    unknown = words - set(allowed)
+    if unknown:
+        raise ValueError(f"unknown config argument(s) {sorted(unknown)}; this config takes {list(allowed)}")
+    return words
+
+
+def make_tiny(c: ml_collections.ConfigDict) -> None:
+    """Seconds-long run for tests: 2 steps, batch 16 (divisible by 8 devices)."""
+    c.batch_size = 16
+    c.total_steps = 2
+    c.checkpoint_every = 2
+    c.log_every = 1
+    c.image_every = 0
+    c.optim.warmup_steps = 1

@@ -1,0 +1,36 @@
+"""jaxgen: generative image models in JAX/Flax, exact against the PyTorch references.
+
+Importing ``jaxgen`` is light: the public names below load their modules on first use, and
+nothing here imports torch or TensorFlow.
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# public name -> "module:attribute"; resolved lazily by __getattr__ (PEP 562).
+_EXPORTS = {
+    "load_run": "jaxgen.training.run:load_run",
+    "Run": "jaxgen.training.run:Run",
+    "load_pretrained": "jaxgen.convert.pretrained:load_pretrained",
+    "save_pretrained": "jaxgen.convert.pretrained:save_pretrained",
+    "load_tokenizer": "jaxgen.tokenizer:load_tokenizer",
+    "scheduler_from_config": "jaxgen.diffusion.schedulers:scheduler_from_config",
+    "StableDiffusionPipeline": "jaxgen.pipelines:StableDiffusionPipeline",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'jaxgen' has no attribute {name!r}")
+    module_name, attr = _EXPORTS[name].split(":")
+    value = getattr(importlib.import_module(module_name), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_EXPORTS))

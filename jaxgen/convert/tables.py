@@ -1,0 +1,142 @@
+"""Key tables between Flax parameter trees and PyTorch state dicts.
+
+jaxgen's modules name their submodules after the PyTorch attributes, so one rule maps most keys:
+
+* path segments join with ``.``; a segment ``name_N`` (a Linen list child) becomes ``name.N``
+  unless it is a real PyTorch attribute named with a digit suffix (``KEEP_SUFFIX``);
+* leaves: ``kernel`` -> ``weight`` (Dense [in, out] -> Linear [out, in]; Conv [kh, kw, in, out]
+  -> Conv2d [out, in, kh, kw]); ``scale`` -> ``weight`` (norms); ``embedding`` -> ``weight``
+  (Embed); ``bias`` and any other leaf keep their name and layout.
+
+A class adds its own explicit renames (``renames``: Flax key -> PyTorch key, after the rule) for
+what the rule cannot express. Conversion is strict both ways: every PyTorch key must be used,
+every Flax parameter filled, every shape equal; otherwise a WeightError names the keys.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from jaxgen.errors import WeightError
+
+# PyTorch attributes whose own name ends in _<digit> (not list indices).
+KEEP_SUFFIX = frozenset({"linear_1", "linear_2"})
+_LIST_CHILD = re.compile(r"^(.*)_(\d+)$")
+
+
+def _segment(seg: str) -> str:
+    if seg in KEEP_SUFFIX:
+        return seg
+    m = _LIST_CHILD.match(seg)
+    return f"{m.group(1)}.{m.group(2)}" if m else seg
+
+
+def torch_key(path: tuple[str, ...], ndim: int) -> tuple[str, str]:
+    """(PyTorch key, layout) for a Flax parameter path; layout in {linear, conv, plain}."""
+    *mods, leaf = path
+    prefix = ".".join(_segment(s) for s in mods)
+    layout = "plain"
+    if leaf == "kernel":
+        leaf, layout = "weight", {2: "linear", 4: "conv"}.get(ndim, "plain")
+        if layout == "plain":
+            raise WeightError(f"{'/'.join(path)}: a kernel of rank {ndim} has no PyTorch layout rule.")
+    elif leaf in ("scale", "embedding"):
+        leaf = "weight"
+    return (f"{prefix}.{leaf}" if prefix else leaf), layout
+
+
+def _to_torch_layout(x: np.ndarray, layout: str) -> np.ndarray:
+    if layout == "linear":
+        return x.T  # [in, out] -> [out, in]
+    if layout == "conv":
+        return x.transpose(3, 2, 0, 1)  # [kh, kw, in, out] -> [out, in, kh, kw]
+    return x
+
+
+def _to_flax_layout(x: np.ndarray, layout: str) -> np.ndarray:
+    if layout == "linear":
+        return x.T
+    if layout == "conv":
+        return x.transpose(2, 3, 1, 0)  # [out, in, kh, kw] -> [kh, kw, in, out]
+    return x
+
+
+def key_table(abstract_params: Mapping[str, Any], renames: Mapping[str, str] | None = None
+              ) -> dict[tuple[str, ...], tuple[str, str]]:
+    """Flax path -> (PyTorch key, layout) for every parameter of ``abstract_params``.
+
+    abstract_params: the ``params`` collection (arrays or ShapeDtypeStructs).
+    renames: explicit per-class exceptions, PyTorch key given by the rule -> real PyTorch key.
+    """
+    renames = dict(renames or {})
+    table = {}
+    seen: dict[str, tuple[str, ...]] = {}
+    for path, leaf in traverse_util.flatten_dict(dict(abstract_params)).items():
+        key, layout = torch_key(path, len(leaf.shape))
+        key = renames.get(key, key)
+        if key in seen:
+            raise WeightError(f"key table collision: {'/'.join(path)} and {'/'.join(seen[key])} "
+                              f"both map to {key!r}")
+        seen[key] = path
+        table[path] = (key, layout)
+    return table
+
+
+def torch_to_flax(state_dict: Mapping[str, np.ndarray], abstract_params: Mapping[str, Any], *,
+                  renames: Mapping[str, str] | None = None, ignore: tuple[str, ...] = (),
+                  owner: str = "model", dtype=np.float32) -> dict:
+    """Build the Flax ``params`` tree from a PyTorch state dict, strictly.
+
+    ignore: regular expressions of PyTorch keys that are known buffers, not parameters
+            (e.g. ``position_ids``); they are dropped. Any other unused key is an error.
+    dtype:  floating tensors are cast to it (None keeps the stored dtype).
+    """
+    table = key_table(abstract_params, renames)
+    shapes = {p: tuple(v.shape) for p, v in traverse_util.flatten_dict(dict(abstract_params)).items()}
+    flat, missing, bad_shape = {}, [], []
+    for path, (key, layout) in table.items():
+        if key not in state_dict:
+            missing.append(key)
+            continue
+        value = _to_flax_layout(np.asarray(state_dict[key]), layout)
+        want = shapes[path]
+        if tuple(value.shape) != want:
+            bad_shape.append(f"{key}: file has {tuple(np.asarray(state_dict[key]).shape)}, "
+                             f"{owner} expects {want} (as {'/'.join(path)})")
+            continue
+        if dtype is not None and (np.issubdtype(value.dtype, np.floating) or value.dtype.name == "bfloat16"):
+            value = value.astype(dtype)
+        flat[path] = np.ascontiguousarray(value).reshape(value.shape)  # keeps 0-d leaves 0-d
+    used = {k for k, _ in table.values()}
+    unexpected = sorted(k for k in state_dict if k not in used
+                        and not any(re.search(p, k) for p in ignore))
+    problems = []
+    if missing:
+        problems.append(f"missing from the file ({len(missing)}): {', '.join(sorted(missing)[:20])}")
+    if unexpected:
+        problems.append(f"unexpected in the file ({len(unexpected)}): {', '.join(unexpected[:20])}")
+    if bad_shape:
+        problems.append(f"mis-shaped ({len(bad_shape)}): {'; '.join(bad_shape[:10])}")
+    if problems:
+        raise WeightError(f"weights do not fit {owner}: " + " | ".join(problems) +
+                          ". Check that config.json matches the weights (same class and sizes).")
+    return traverse_util.unflatten_dict(flat)
+
+
+def flax_to_torch(params: Mapping[str, Any], *, renames: Mapping[str, str] | None = None,
+                  dtype=None) -> dict[str, np.ndarray]:
+    """The PyTorch state dict of a Flax ``params`` tree (host NumPy arrays, PyTorch layouts)."""
+    table = key_table(params, renames)
+    flat = traverse_util.flatten_dict(dict(params))
+    out = {}
+    for path, (key, layout) in table.items():
+        value = np.asarray(jax.device_get(flat[path]))
+        if dtype is not None:
+            value = value.astype(dtype)
+        value = _to_torch_layout(value, layout)
+        out[key] = np.ascontiguousarray(value).reshape(value.shape)  # keeps 0-d leaves 0-d
+    return out

@@ -1,0 +1,71 @@
+"""The deterministic, resumable input pipeline.
+
+A batch is a pure function of (seed, step): each epoch is a seeded permutation of the example
+indices (remainder dropped), so a resumed run sees exactly the batches the uninterrupted run
+would, with no iterator state to checkpoint. Every process computes the same global index list
+and reads only its own contiguous slice; ``global_batch`` assembles the slices into one
+``jax.Array`` sharded over the mesh's batch axes.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax
+import numpy as np
+
+from jaxgen.errors import DataError
+
+
+def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+    """The example order of one epoch: int64 [num_examples], a pure function of (seed, epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def batch_indices(num_examples: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+    """Global example indices of training step ``step``: int64 [batch_size].
+
+    Epoch e = step // steps_per_epoch uses epoch_permutation(seed, e); within an epoch batches are
+    consecutive blocks, and the last partial block is dropped.
+    """
+    if batch_size > num_examples:
+        raise DataError(f"batch_size {batch_size} is larger than the dataset ({num_examples} "
+                        "examples): lower --config.batch_size.")
+    steps_per_epoch = num_examples // batch_size
+    epoch, within = divmod(step, steps_per_epoch)
+    perm = epoch_permutation(num_examples, seed, epoch)
+    return perm[within * batch_size:(within + 1) * batch_size]
+
+
+def process_slice(global_batch_size: int, process_index: int | None = None,
+                  process_count: int | None = None) -> slice:
+    """This process's rows of the global batch (contiguous; equal sizes across processes)."""
+    pi = jax.process_index() if process_index is None else process_index
+    pc = jax.process_count() if process_count is None else process_count
+    if global_batch_size % pc:
+        raise DataError(f"batch_size {global_batch_size} is not divisible by the number of "
+                        f"processes ({pc}).")
+    per = global_batch_size // pc
+    return slice(pi * per, (pi + 1) * per)
+
+
+def host_batch(arrays: Mapping[str, np.ndarray], batch_size: int, seed: int, step: int) -> dict:
+    """This process's part of step ``step``'s batch: {name: array [batch_size / processes, ...]}."""
+    n = len(next(iter(arrays.values())))
+    idx = batch_indices(n, batch_size, seed, step)[process_slice(batch_size)]
+    return {k: v[idx] for k, v in arrays.items()}
+
+
+def global_batch(local: Mapping[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict:
+    """Assemble each process's rows into global jax.Arrays with ``sharding`` (batch on axis 0)."""
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
+
+
+def images_to_float(images: jax.Array, dtype=np.float32) -> jax.Array:
+    """uint8 [..., H, W, C] in [0, 255] -> float in [-1, 1]."""
+    return images.astype(dtype) / 127.5 - 1.0
+
+
+def images_to_uint8(images) -> np.ndarray:
+    """float [..., H, W, C] in [-1, 1] (clipped) -> uint8 [0, 255], as host NumPy."""
+    x = np.asarray(jax.device_get(images), dtype=np.float32)
+    return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)

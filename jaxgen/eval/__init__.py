@@ -1,0 +1,1 @@
+"""Evaluation: image grids, classical baselines (PCA), classifier metrics, Fréchet distance."""

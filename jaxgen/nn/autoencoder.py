@@ -1,0 +1,152 @@
+"""Dense and convolutional autoencoders, optionally skip-connected (U-Net style).
+
+One module serves the plain, denoising and sparse variants: the objective (corruption of the
+input, an L1 penalty on the code) lives in ``jaxgen.corruption`` and ``jaxgen.losses``.
+"""
+from __future__ import annotations
+
+from typing import ClassVar, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxgen.convert.pretrained import Pretrained
+from jaxgen.errors import ConfigError
+
+ACTIVATIONS = {"relu": nn.relu, "silu": nn.silu, "gelu": lambda x: nn.gelu(x, approximate=False),
+               "tanh": jnp.tanh, "elu": nn.elu}
+
+
+def _activation(name: str):
+    if name not in ACTIVATIONS:
+        raise ConfigError(f"act={name!r}: choose one of {', '.join(ACTIVATIONS)}.")
+    return ACTIVATIONS[name]
+
+
+class DenseAutoencoder(nn.Module, Pretrained):
+    """MLP encoder [B, H, W, C] -> code [B, latent_dim] and decoder back; images in [-1, 1]."""
+
+    image_size: int = 8
+    in_channels: int = 1
+    hidden_dims: Sequence[int] = (256, 128)
+    latent_dim: int = 2
+    act: str = "relu"
+    dtype: jnp.dtype | None = None
+
+    pt_library: ClassVar[str] = "jaxgen"
+    pt_weights_name: ClassVar[str] = "model"
+
+    def setup(self):
+        self.encoder_layers = [nn.Dense(h, dtype=self.dtype) for h in self.hidden_dims]
+        self.to_code = nn.Dense(self.latent_dim, dtype=self.dtype)
+        self.decoder_layers = [nn.Dense(h, dtype=self.dtype) for h in reversed(self.hidden_dims)]
+        self.to_pixels = nn.Dense(self.image_size ** 2 * self.in_channels, dtype=self.dtype)
+
+    def encode(self, x: jax.Array) -> jax.Array:
+        """x: [B, H, W, C] in [-1, 1] -> code [B, latent_dim]."""
+        act = _activation(self.act)
+        h = x.reshape(x.shape[0], -1)  # flatten pixels: [B, H*W*C]
+        for layer in self.encoder_layers:
+            h = act(layer(h))
+        return self.to_code(h)
+
+    def decode(self, z: jax.Array) -> jax.Array:
+        """z: [B, latent_dim] -> images [B, H, W, C] (unbounded; ~[-1, 1] once trained)."""
+        act = _activation(self.act)
+        h = z
+        for layer in self.decoder_layers:
+            h = act(layer(h))
+        h = self.to_pixels(h)
+        return h.reshape(z.shape[0], self.image_size, self.image_size, self.in_channels)
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x: [B, H, W, C] -> (reconstruction [B, H, W, C], code [B, latent_dim])."""
+        z = self.encode(x)
+        return self.decode(z), z
+
+    def dummy_inputs(self):
+        return (jnp.zeros((1, self.image_size, self.image_size, self.in_channels)),), {}
+
+
+class ConvAutoencoder(nn.Module, Pretrained):
+    """Convolutional autoencoder with a dense code; ``skip=True`` concatenates each encoder
+    feature map into the decoder at the same resolution (U-Net style).
+
+    Encoder level i: conv3x3(channels[i]) + act (kept for the skip), then a stride-2 conv3x3.
+    Bottleneck: flatten -> Dense(hidden_dim) -> Dense(latent_dim) (or no dense code when
+    latent_dim == 0: the code is the bottleneck feature map). Decoder mirrors it with nearest x2
+    upsampling. image_size must be divisible by 2**len(channels).
+    """
+
+    image_size: int = 8
+    in_channels: int = 1
+    channels: Sequence[int] = (32, 64)
+    hidden_dim: int = 128
+    latent_dim: int = 2
+    skip: bool = False
+    act: str = "relu"
+    dtype: jnp.dtype | None = None
+
+    pt_library: ClassVar[str] = "jaxgen"
+    pt_weights_name: ClassVar[str] = "model"
+
+    def setup(self):
+        if self.image_size % (2 ** len(self.channels)):
+            raise ConfigError(f"image_size={self.image_size} must be divisible by 2**len(channels)="
+                              f"{2 ** len(self.channels)}; use fewer channel levels.")
+        conv = lambda ch, stride=1: nn.Conv(ch, (3, 3), strides=(stride, stride), padding=1, dtype=self.dtype)
+        self.enc_convs = [conv(ch) for ch in self.channels]
+        self.enc_downs = [conv(ch, 2) for ch in self.channels]
+        self.bottom = self.image_size // 2 ** len(self.channels)
+        if self.latent_dim:
+            self.enc_hidden = nn.Dense(self.hidden_dim, dtype=self.dtype)
+            self.to_code = nn.Dense(self.latent_dim, dtype=self.dtype)
+            self.dec_hidden = nn.Dense(self.hidden_dim, dtype=self.dtype)
+            self.from_code = nn.Dense(self.bottom ** 2 * self.channels[-1], dtype=self.dtype)
+        self.dec_ups = [conv(ch) for ch in reversed(self.channels)]
+        self.dec_convs = [conv(ch) for ch in reversed(self.channels)]
+        self.conv_out = nn.Conv(self.in_channels, (3, 3), padding=1, dtype=self.dtype)
+
+    def _encode(self, x):
+        act = _activation(self.act)
+        skips, h = [], x
+        for c, d in zip(self.enc_convs, self.enc_downs):
+            h = act(c(h))
+            skips.append(h)
+            h = act(d(h))
+        if self.latent_dim:
+            h = h.reshape(h.shape[0], -1)  # [B, bottom*bottom*C]
+            h = self.to_code(act(self.enc_hidden(h)))
+        return h, skips
+
+    def encode(self, x: jax.Array) -> jax.Array:
+        """x: [B, H, W, C] in [-1, 1] -> code [B, latent_dim] (or the bottleneck map if latent_dim=0)."""
+        return self._encode(x)[0]
+
+    def decode(self, z: jax.Array, skips: Sequence[jax.Array] | None = None) -> jax.Array:
+        """code -> images [B, H, W, C]. A skip model needs the encoder's maps (``skips``)."""
+        if self.skip and skips is None:
+            raise ValueError("a skip-connected autoencoder decodes only with its encoder's feature "
+                             "maps: call the module on images (reconstruct), not decode(codes).")
+        act = _activation(self.act)
+        h = z
+        if self.latent_dim:
+            h = act(self.from_code(act(self.dec_hidden(z))))
+            h = h.reshape(z.shape[0], self.bottom, self.bottom, self.channels[-1])
+        for i, (up, c) in enumerate(zip(self.dec_ups, self.dec_convs)):
+            b, hh, ww, ch = h.shape
+            h = jax.image.resize(h, (b, 2 * hh, 2 * ww, ch), "nearest")
+            h = act(up(h))
+            if self.skip:
+                h = jnp.concatenate([h, skips[len(skips) - 1 - i]], axis=-1)
+            h = act(c(h))
+        return self.conv_out(h)
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x: [B, H, W, C] -> (reconstruction [B, H, W, C], code)."""
+        z, skips = self._encode(x)
+        return self.decode(z, skips if self.skip else None), z
+
+    def dummy_inputs(self):
+        return (jnp.zeros((1, self.image_size, self.image_size, self.in_channels)),), {}

@@ -1,0 +1,1 @@
+"""Training: train state, optimizers, EMA, pure step builders, meshes, checkpoints, the Run."""

@@ -1,0 +1,22 @@
+"""Tasks: what a config trains (model, objective, previews, evaluation, the Run's abilities).
+
+Picked by ``config.task`` from this plain dict of name -> "module:class".
+"""
+from __future__ import annotations
+
+import importlib
+
+from jaxgen.errors import ConfigError
+
+TASKS: dict[str, str] = {
+    "autoencoder": "jaxgen.training.tasks.autoencoder:AutoencoderTask",
+}
+
+
+def make_task(config):
+    """The Task object for ``config.task``."""
+    name = config.task
+    if name not in TASKS:
+        raise ConfigError(f"config.task={name!r} is unknown; choose one of {', '.join(sorted(TASKS))}.")
+    module_name, attr = TASKS[name].split(":")
+    return getattr(importlib.import_module(module_name), attr)(config)

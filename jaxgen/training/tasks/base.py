@@ -1,0 +1,89 @@
+"""The Task base class: the per-family pieces the generic trainer and Run call."""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxgen.convert.config import _freeze
+from jaxgen.data.pipeline import images_to_float
+from jaxgen.errors import ConfigError, DataError
+
+
+def build_module(class_path: str, fields: dict):
+    """Instantiate "package.module:Class" with ``fields`` (lists frozen to tuples)."""
+    try:
+        module_name, attr = class_path.split(":")
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ValueError, ImportError, AttributeError) as e:
+        raise ConfigError(f"model_class={class_path!r} does not name a class as 'package.module:Class' "
+                          f"({e}).") from e
+    try:
+        return cls(**{k: _freeze(v) for k, v in fields.items()})
+    except TypeError as e:
+        raise ConfigError(f"config.model does not fit {attr}: {e}.") from e
+
+
+class Task:
+    """Subclasses set ``name`` and implement init_params, loss_fn; optionally preview, evaluate
+    and the Run abilities (encode/decode/reconstruct/sample/encode_text/encode_image)."""
+
+    name = "task"
+
+    def __init__(self, config):
+        self.config = config
+        self.model = build_module(config.model_class, config.model.to_dict())
+
+    # -- data --------------------------------------------------------------------------------
+    def load_data(self, split: str):
+        """The ArrayDataset of ``split`` (config.data.name, prepared offline on first use)."""
+        from jaxgen.data import load_dataset
+
+        data_dir = self.config.data.get("data_dir") or None
+        return load_dataset(self.config.data.name, split, data_dir=data_dir)
+
+    def batch_arrays(self, ds) -> dict[str, np.ndarray]:
+        """Host arrays the pipeline indexes: {"image": uint8 [N, H, W, C], "label": int32 [N]}."""
+        arrays = {"image": ds.images}
+        if ds.labels is not None:
+            arrays["label"] = ds.labels.astype(np.int32)
+        return arrays
+
+    def check_images(self, images: np.ndarray) -> np.ndarray:
+        """uint8 [N, H, W, C] at the dataset's resolution, or a DataError saying what is wrong."""
+        images = np.asarray(images)
+        want = (self.config.model.image_size, self.config.model.image_size, self.config.model.in_channels)
+        if images.ndim == 3 and want[2] == 1 and images.shape[1:] == want[:2]:
+            images = images[..., None]  # [N, H, W] grey -> [N, H, W, 1]
+        if images.ndim != 4 or tuple(images.shape[1:]) != want:
+            raise DataError(f"images have shape {images.shape}; this run takes uint8 [N, {want[0]}, "
+                            f"{want[1]}, {want[2]}] (NHWC at the dataset's resolution).")
+        if images.dtype != np.uint8:
+            raise DataError(f"images have dtype {images.dtype}; pass uint8 in [0, 255] "
+                            "(e.g. np.round(x * 255).astype(np.uint8) for floats in [0, 1]).")
+        return images
+
+    def example_batch(self) -> dict:
+        """A one-example batch of the right shapes and dtypes (for init / eval_shape)."""
+        m = self.config.model
+        return {"image": np.zeros((1, m.image_size, m.image_size, m.in_channels), np.uint8),
+                "label": np.zeros((1,), np.int32)}
+
+    # -- model -------------------------------------------------------------------------------
+    def init_params(self, key: jax.Array, batch: dict) -> Any:
+        """Fresh parameters from one example batch (shapes only matter)."""
+        x = images_to_float(batch["image"][:1])
+        return self.model.init(key, x)["params"]
+
+    def loss_fn(self, params: Any, batch: dict, key: jax.Array) -> tuple[jax.Array, dict]:
+        raise TypeError(f"{type(self).__name__} defines no loss_fn")
+
+    def preview(self, params: Any, batch: dict) -> np.ndarray | None:
+        """A uint8 image grid [H, W, C] to write as PNG during training (None: no preview)."""
+        return None
+
+    def evaluate(self, run, out_dir: str) -> dict:
+        """Metrics for ``python -m train.eval``; may write PNGs into out_dir."""
+        return {}

@@ -1,0 +1,240 @@
+"""The training loop: one code path for one CPU, a device mesh, or many processes.
+
+``train(config, workdir)`` builds the task, mesh and optimizer, resumes from the latest checkpoint
+in ``workdir`` if there is one, and runs jit-compiled steps with NamedShardings (batch over
+(data, fsdp), parameters by the fsdp rule) until ``config.total_steps``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxgen.data import pipeline
+from jaxgen.errors import ConfigError, NonFiniteError
+from jaxgen.training import mesh as mesh_lib
+from jaxgen.training.checkpoint import Checkpointer, abstract_with_shardings, check_writable
+from jaxgen.training.optim import make_optimizer
+from jaxgen.training.state import TrainState, create_state
+from jaxgen.training.step import make_train_step
+from jaxgen.training.tasks import make_task
+
+log = logging.getLogger("jaxgen")
+
+REQUIRED_FIELDS = ("seed", "batch_size", "total_steps", "checkpoint_every", "log_every", "mesh",
+                   "task", "model_class", "model", "data", "optim")
+# Fields a resumed run may change (schedules and bookkeeping); any other change is refused.
+RESUMABLE_CHANGES = ("total_steps", "checkpoint_every", "log_every", "image_every", "keep_checkpoints",
+                     "mesh", "nan_policy")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Fail early, naming the field, on a config the trainer cannot run."""
+    missing = [f for f in REQUIRED_FIELDS if f not in config]
+    if missing:
+        raise ConfigError(f"config lacks {', '.join(missing)}; every config defines {', '.join(REQUIRED_FIELDS)}.")
+    for f in ("batch_size", "total_steps", "checkpoint_every", "log_every"):
+        if int(config[f]) <= 0:
+            raise ConfigError(f"config.{f}={config[f]} must be a positive integer.")
+    if config.get("compute_dtype", "float32") not in DTYPES:
+        raise ConfigError(f"config.compute_dtype={config.compute_dtype!r}: choose one of {', '.join(DTYPES)}.")
+    if config.get("nan_policy", "stop") not in ("stop", "skip"):
+        raise ConfigError(f"config.nan_policy={config.nan_policy!r}: choose 'stop' or 'skip'.")
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict:
+    return json.loads(config.to_json())
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k, "<absent>"), b.get(k, "<absent>")
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
+    return out
+
+
+def _check_resume_config(saved: dict, new: dict, workdir: str) -> None:
+    changes = [c for c in _diff(saved, new) if c.split(".")[0].split(":")[0] not in RESUMABLE_CHANGES]
+    if changes:
+        raise ConfigError(f"{workdir} holds a run with a different config ({'; '.join(changes)}). "
+                          "Resume with the same config, or start the new one in a new --workdir.")
+
+
+def ema_decay_of(config) -> float | None:
+    """config.ema.decay when the run keeps an EMA (decay > 0), else None."""
+    ema = config.get("ema", None)
+    return float(ema.decay) if ema is not None and ema.decay > 0 else None
+
+
+def new_train_state(task, tx, use_ema: bool, key: jax.Array) -> TrainState:
+    """Step-0 state of ``task`` (call under jax.eval_shape for shapes only)."""
+    return create_state(task.init_params(key, task.example_batch()), tx, use_ema)
+
+
+class Trainer:
+    """Builds everything a run needs; ``fit()`` trains to total_steps, resuming by itself."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        validate_config(config)
+        self.config, self.workdir = config, os.path.abspath(workdir)
+        check_writable(self.workdir)
+        self.is_main = jax.process_index() == 0
+        self.task = make_task(config)
+        self.mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp)
+        batch_devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        if config.batch_size % batch_devices:
+            raise ConfigError(f"batch_size={config.batch_size} must be divisible by the mesh's "
+                              f"data x fsdp = {batch_devices} devices.")
+        self.tx, self.schedule = make_optimizer(config.optim, config.total_steps)
+        self.ema_decay = ema_decay_of(config)
+        root = jax.random.key(config.seed)
+        self.init_key, self.train_key = jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
+        self.data = self.task.batch_arrays(self.task.load_data(config.data.train_split))
+        self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
+        self.checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"),
+                                         max_to_keep=config.get("keep_checkpoints", 3))
+
+    # -- state ------------------------------------------------------------------------------
+    def _create(self) -> TrainState:
+        return new_train_state(self.task, self.tx, self.ema_decay is not None, self.init_key)
+
+    def abstract_state(self):
+        shapes = jax.eval_shape(self._create)
+        self.state_shardings = mesh_lib.state_shardings(shapes, self.mesh)
+        return abstract_with_shardings(shapes, self.state_shardings)
+
+    def initial_state(self) -> tuple[TrainState, int]:
+        abstract = self.abstract_state()
+        latest = self.checkpointer.latest_step()
+        config_dict = config_to_dict(self.config)
+        if latest is None:
+            state = jax.jit(self._create, out_shardings=self.state_shardings)()
+            return state, 0
+        state, saved_config, step = self.checkpointer.restore(abstract)
+        _check_resume_config(saved_config, config_dict, self.workdir)
+        log.info("resumed %s at step %d", self.workdir, step)
+        return state, step
+
+    # -- loop -------------------------------------------------------------------------------
+    def fit(self, stop_after: int | None = None) -> TrainState:
+        """Train from the latest checkpoint to total_steps (or ``stop_after`` steps, for tests)."""
+        cfg = self.config
+        state, start = self.initial_state()
+        if self.is_main:
+            with open(os.path.join(self.workdir, "config.json"), "w") as f:
+                f.write(cfg.to_json(indent=2))
+        step_fn = make_train_step(self.task.loss_fn, self.tx, schedule=self.schedule,
+                                  ema_decay=self.ema_decay, ema_warmup=bool(cfg.get("ema", {}).get("warmup", True)),
+                                  compute_dtype=DTYPES[cfg.get("compute_dtype", "float32")])
+        replicated = mesh_lib.replicated(self.mesh)
+        jitted = jax.jit(step_fn, in_shardings=(self.state_shardings, self.batch_sharding, replicated),
+                         out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
+        logger = MetricLogger(self.workdir, enabled=self.is_main)
+        end = cfg.total_steps if stop_after is None else min(cfg.total_steps, start + stop_after)
+        pending: list[dict] = []
+        bar = _progress(start, cfg.total_steps, self.is_main)
+        t_last, s_last = time.perf_counter(), start
+        image_every = int(cfg.get("image_every", 0) or 0)
+        config_dict = config_to_dict(cfg)
+        try:
+            for step in range(start, end):
+                local = pipeline.host_batch(self.data, cfg.batch_size, cfg.seed, step)
+                batch = pipeline.global_batch(local, self.batch_sharding)
+                state, metrics = jitted(state, batch, self.train_key)
+                pending.append(metrics)
+                done = step + 1
+                last = done == end
+                if done % cfg.log_every == 0 or last:
+                    means = {k: float(np.mean([float(m[k]) for m in pending])) for k in pending[0]}
+                    pending = []
+                    self._check_finite(state, done)
+                    now = time.perf_counter()
+                    means["steps_per_sec"] = (done - s_last) / max(now - t_last, 1e-9)
+                    t_last, s_last = now, done
+                    logger.write(done, means)
+                    bar.set_postfix(loss=f"{means['loss']:.4g}", it_s=f"{means['steps_per_sec']:.1f}")
+                if done % cfg.checkpoint_every == 0 or done == cfg.total_steps:
+                    self._check_finite(state, done)
+                    self.checkpointer.save(done, state, config_dict)
+                if self.is_main and image_every and (done % image_every == 0 or done == cfg.total_steps):
+                    self.write_preview(state, batch, done)
+                bar.update(1)
+        finally:
+            bar.close()
+            self.checkpointer.wait()
+            logger.close()
+        return state
+
+    def _check_finite(self, state: TrainState, step: int) -> None:
+        bad = int(state.nonfinite)
+        if bad == 0:
+            return
+        if self.config.get("nan_policy", "stop") == "stop":
+            raise NonFiniteError(
+                f"training produced a NaN/Inf loss or gradient ({bad} step(s) refused by step {step}); "
+                "the run stops and no checkpoint after the last finite one is written. Lower optim.lr, "
+                "check the data, or set --config.nan_policy=skip to skip such steps.")
+        log.warning("%d step(s) with a NaN/Inf loss or gradient skipped so far", bad)
+
+    def write_preview(self, state: TrainState, batch: dict, step: int) -> None:
+        from jaxgen.eval.images import save_png
+
+        params = state.ema_params if state.ema_params is not None else state.params
+        grid = self.task.preview(params, batch)
+        if grid is not None:
+            save_png(os.path.join(self.workdir, "images", f"step_{step:07d}.png"), grid)
+
+
+class MetricLogger:
+    """metrics.jsonl (one JSON object per log step) and TensorBoard scalars, on process 0."""
+
+    def __init__(self, workdir: str, enabled: bool = True):
+        self.enabled = enabled
+        if not enabled:
+            return
+        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+        from tensorboardX import SummaryWriter
+
+        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+        for k, v in metrics.items():
+            self.tb.add_scalar(k, v, step)
+        self.tb.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.tb.close()
+
+
+def _progress(start: int, total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, disable=not enabled, dynamic_ncols=True, desc="train")
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None = None):
+    """Train ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the Run."""
+    from jaxgen.training.run import load_run
+
+    trainer = Trainer(config, workdir)
+    trainer.fit(stop_after=stop_after)
+    trainer.checkpointer.close()
+    return load_run(workdir)

@@ -1,0 +1,42 @@
+"""python -m train.eval --workdir DIR [--step N]
+
+Evaluates the run in DIR with its task's metrics, writes DIR/eval.json (and PNGs under DIR/eval/)
+and prints the metrics.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags
+
+from train import common
+
+flags.DEFINE_string("workdir", None, "run directory")
+flags.DEFINE_integer("step", None, "checkpoint step (default: latest)")
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv):
+    common.setup_logging()
+    common.init_distributed()
+    import jaxgen
+    from jaxgen.errors import JaxgenError
+
+    try:
+        run = jaxgen.load_run(flags.FLAGS.workdir, step=flags.FLAGS.step)
+        out_dir = os.path.join(run.workdir, "eval")
+        os.makedirs(out_dir, exist_ok=True)
+        metrics = {"step": run.step, **run.task.evaluate(run, out_dir)}
+    except JaxgenError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    with open(os.path.join(run.workdir, "eval.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    print(json.dumps(metrics, indent=2))
+    print(f"wrote {os.path.join(run.workdir, 'eval.json')} and images in {out_dir}")
+
+
+if __name__ == "__main__":
+    app.run(main)
