@@ -59,13 +59,7 @@ class Checkpointer:
 
         abstract_state: ShapeDtypeStructs carrying the shardings wanted on this process's devices.
         """
-        steps = self.all_steps()
-        if not steps:
-            raise CheckpointError(f"no checkpoint in {self.folder}.")
-        step = max(steps) if step is None else step
-        if step not in steps:
-            raise CheckpointError(f"no checkpoint for step {step} in {self.folder}; it has steps "
-                                  f"{sorted(steps)}.")
+        step = self._resolve(step)
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state), config=ocp.args.JsonRestore()))
@@ -76,11 +70,21 @@ class Checkpointer:
                 "written with, another --step, or a new --workdir.") from e
         return out["state"], dict(out["config"]), step
 
+    def _resolve(self, step: int | None) -> int:
+        """``step``, or the latest step when None; a CheckpointError if there is no such step."""
+        steps = self.all_steps()
+        if not steps:
+            raise CheckpointError(f"no checkpoint in {self.folder}.")
+        if step is None:
+            return max(steps)
+        if step not in steps:
+            raise CheckpointError(f"no checkpoint for step {step} in {self.folder}; it has steps "
+                                  f"{sorted(steps)}.")
+        return step
+
     def read_config(self, step: int | None = None) -> dict:
         """Only the config saved with ``step`` (default: latest)."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise CheckpointError(f"no checkpoint in {self.folder}.")
+        step = self._resolve(step)
         out = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
         return dict(out["config"])
 

@@ -40,9 +40,10 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, schedu
     def step(state: TrainState, batch: dict, root_key: jax.Array):
         key = jax.random.fold_in(root_key, state.step)
         (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params, batch, key)
-        grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        # refuse the step if the loss, the gradient or the update is not finite
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
         params = optax.apply_updates(state.params, updates)
         ema = state.ema_params
         if ema is not None:

@@ -1,0 +1,340 @@
+"""``load_dataset``: one entry point for embedded, TFDS and image-folder datasets.
+
+Names:
+
+- ``"digits"``, ``"shapes"``: jaxgen's embedded datasets (``jaxgen.data.digits``,
+  ``jaxgen.data.shapes``). Prepared on first use, offline and without TensorFlow, by the TFDS
+  builders in ``jaxgen.data.builders`` into ``data_dir`` (default: ``$JAXGEN_DATA_DIR``, else
+  ``~/.cache/jaxgen/tensorflow_datasets``, so jaxgen's own data stay out of the user's TFDS
+  directory); later calls read the prepared ArrayRecord files. Preparation holds a file lock in
+  ``data_dir``, so processes sharing it (several hosts, parallel tests) prepare once.
+- ``"folder:/path"``: an image folder (``jaxgen.data.folder``); ``data_dir`` is not used.
+- any other name: a TFDS dataset (``"mnist"``, ``"cifar10"``, ``"mnist:3.0.1"``, ...) already
+  prepared in ``data_dir`` (default: ``$JAXGEN_DATA_DIR``, else TFDS's own default,
+  ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``) in a random-access format (ArrayRecord).
+  jaxgen never downloads: a missing dataset is a DataError saying where it looked and how to
+  provide it.
+
+Everything is read through ``builder.as_data_source()``, which never imports TensorFlow, and held
+in memory as an ``ArrayDataset``.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import numpy as np
+
+from jaxgen.data import digits, shapes
+from jaxgen.data.dataset import ArrayDataset
+from jaxgen.errors import DataError
+
+EMBEDDED = ("digits", "shapes")
+FOLDER_PREFIX = "folder:"
+DEFAULT_MAX_BYTES = 8 * 2**30  # refuse to hold more than this many image bytes in memory
+_READ_CHUNK = 4096  # examples decoded per data-source call
+
+
+def default_data_dir() -> str:
+    """Where embedded datasets are prepared: $JAXGEN_DATA_DIR, else ~/.cache/jaxgen/tensorflow_datasets."""
+    env = os.environ.get("JAXGEN_DATA_DIR")
+    return os.path.expanduser(env if env else os.path.join("~", ".cache", "jaxgen", "tensorflow_datasets"))
+
+
+def tfds_data_dir() -> str:
+    """Where named TFDS datasets are looked for: $JAXGEN_DATA_DIR, else $TFDS_DATA_DIR, else
+    ~/tensorflow_datasets (TFDS's own default)."""
+    env = os.environ.get("JAXGEN_DATA_DIR") or os.environ.get("TFDS_DATA_DIR")
+    return os.path.expanduser(env if env else os.path.join("~", "tensorflow_datasets"))
+
+
+def load_dataset(name: str, split: str, data_dir: str | None = None, **options) -> ArrayDataset:
+    """Load a dataset split into memory.
+
+    name: "digits" | "shapes" | "folder:/path/to/images" | a TFDS name prepared in data_dir.
+    split: "train" | "test"; shapes also "heldout" (its 18 held-out attribute combinations);
+      TFDS split strings ("validation", "train[:10%]") pass through to TFDS.
+    data_dir: see the module docstring for the defaults.
+    options, by dataset:
+      shapes: seed (int, default 0): jitter seed; num_examples: int (size of the requested
+        split) or {split: int}; defaults train 6,480, test 1,620, heldout 180. Each distinct
+        setting is prepared once, in its own directory.
+      folder: resolution (int or (height, width): resize + center-crop), caption_column ("text").
+      TFDS names: resolution (as for folders; needed when image sizes vary), max_bytes (memory
+        cap, default 8 GiB).
+    Returns an ArrayDataset: images uint8 [N, H, W, C]; digits [N, 8, 8, 1] with labels 0-9 and
+    captions; shapes [N, 32, 32, 3] with labels = combination index (180 classes), captions and
+    attributes shape/color/size/position; folders [N, H, W, 3] with captions if metadata.jsonl
+    exists; TFDS datasets their "image" feature, "label" (ClassLabel) and "caption"/"text" (Text)
+    when present. Raises DataError for unknown names/splits/options and missing data.
+    """
+    if not isinstance(name, str) or not isinstance(split, str):
+        raise DataError(f"load_dataset(name, split) takes strings, got {name!r}, {split!r}")
+    if name.startswith(FOLDER_PREFIX):
+        from jaxgen.data.folder import load_folder
+
+        _check_options(name, options, ("resolution", "caption_column"))
+        return load_folder(name[len(FOLDER_PREFIX):], split, **options)
+    if name == "digits":
+        _check_options(name, options, ())
+        return _load_digits(split, data_dir or default_data_dir())
+    if name == "shapes":
+        _check_options(name, options, ("seed", "num_examples"))
+        return _load_shapes(split, data_dir or default_data_dir(), **options)
+    _check_options(name, options, ("resolution", "max_bytes"))
+    return _load_tfds(name, split, data_dir or tfds_data_dir(), **options)
+
+
+def _check_options(name: str, options: dict, allowed: tuple[str, ...]) -> None:
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise DataError(f"load_dataset({name!r}) does not take option(s) {unknown}; "
+                        f"it takes {list(allowed) if allowed else 'no options'}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Embedded datasets
+# ----------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _file_lock(path: str):
+    """Exclusive advisory lock on ``path`` (created if needed), held for the with-block."""
+    import fcntl
+
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def prepare_embedded(name: str, data_dir: str | None = None, *, seed: int = 0, num_examples: dict | None = None):
+    """Prepare (once) and return the TFDS builder of an embedded dataset.
+
+    name: "digits" or "shapes"; seed, num_examples ({split: count}): shapes only.
+    Returns a prepared ``tfds.core.DatasetBuilder`` (ArrayRecord files in data_dir).
+    """
+    import tensorflow_datasets as tfds
+
+    from jaxgen.data import builders
+
+    data_dir = data_dir or default_data_dir()
+    if name == "digits":
+        if seed != 0 or num_examples:
+            raise DataError("digits has a fixed split; seed and num_examples are options of 'shapes' only")
+        cls, config, lock_name = builders.JaxgenDigits, None, ".jaxgen_digits.lock"
+    elif name == "shapes":
+        cls, config = builders.JaxgenShapes, builders.ShapesConfig.make(seed, num_examples)
+        lock_name = f".jaxgen_shapes-{config.name}.lock"
+        if config.name in cls.builder_configs:  # TFDS wants its listed configs by name
+            config = config.name
+    else:
+        raise DataError(f"{name!r} is not an embedded dataset; those are {EMBEDDED}")
+
+    def make():
+        return cls(config=config, data_dir=data_dir, file_format="array_record")
+
+    builder = make()
+    if builder.is_prepared():
+        return builder
+    try:
+        os.makedirs(data_dir, exist_ok=True)
+        lock = os.path.join(data_dir, lock_name)
+        with _file_lock(lock):
+            builder = make()  # another process may have prepared it while we waited
+            if not builder.is_prepared():
+                builder.download_and_prepare(
+                    download_config=tfds.download.DownloadConfig(
+                        try_download_gcs=False,
+                        compute_stats=tfds.download.ComputeStatsMode.SKIP,
+                    )
+                )
+    except OSError as e:
+        raise DataError(f"cannot prepare {name!r} in {data_dir}: {e}; pass a writable data_dir= "
+                        "or set JAXGEN_DATA_DIR") from e
+    return builder
+
+
+def _read_all(builder, split: str, where: str) -> list[dict]:
+    """Every example of a split, decoded (Text as bytes), via the no-TensorFlow data source."""
+    try:
+        source = builder.as_data_source(split=split)
+    except (ValueError, KeyError) as e:
+        raise DataError(f"{where}: cannot open split {split!r} ({e}); available splits: "
+                        f"{sorted(builder.info.splits)}") from e
+    n = len(source)
+    out = []
+    for start in range(0, n, _READ_CHUNK):
+        out.extend(source.__getitems__(list(range(start, min(n, start + _READ_CHUNK)))))
+    return out
+
+
+def _ordered(examples: list[dict]) -> list[dict]:
+    """Examples sorted by their stored "index" (TFDS stores them in hashed-key order)."""
+    return sorted(examples, key=lambda e: int(e["index"]))
+
+
+def _load_digits(split: str, data_dir: str) -> ArrayDataset:
+    builder = prepare_embedded("digits", data_dir)
+    examples = _ordered(_read_all(builder, split, "digits"))
+    n = len(examples)
+    return ArrayDataset(
+        images=np.stack([e["image"] for e in examples]) if n else np.zeros((0,) + digits.IMAGE_SHAPE, np.uint8),
+        labels=np.asarray([e["label"] for e in examples], np.int32),
+        captions=[e["caption"].decode("utf-8") for e in examples],
+        name="digits",
+        split=split,
+        num_classes=digits.NUM_CLASSES,
+        class_names=digits.DIGIT_WORDS,
+    )
+
+
+def _load_shapes(split: str, data_dir: str, seed: int = 0, num_examples=None) -> ArrayDataset:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise DataError(f"shapes seed must be an int >= 0, got {seed!r}")
+    if num_examples is None:
+        counts = {}
+    elif isinstance(num_examples, dict):
+        counts = dict(num_examples)
+    elif isinstance(num_examples, (int, np.integer)) and not isinstance(num_examples, bool):
+        if split not in shapes.SPLITS:
+            raise DataError(f"num_examples as an int sets the size of split {split!r}, which is not one of "
+                            f"{shapes.SPLITS}; pass a dict {{split: count}}")
+        counts = {split: int(num_examples)}
+    else:
+        raise DataError(f"num_examples must be an int or a dict {{split: count}}, got {num_examples!r}")
+    for s, c in counts.items():
+        if s not in shapes.SPLITS or isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c < 1:
+            raise DataError(f"num_examples entries must map a split in {shapes.SPLITS} to an int >= 1, "
+                            f"got {s!r}: {c!r}")
+    counts = {s: int(c) for s, c in counts.items()}
+    builder = prepare_embedded("shapes", data_dir, seed=int(seed), num_examples=counts)
+    examples = _ordered(_read_all(builder, split, "shapes"))
+    n = len(examples)
+    return ArrayDataset(
+        images=np.stack([e["image"] for e in examples]) if n else np.zeros((0, 32, 32, 3), np.uint8),
+        labels=np.asarray([e["label"] for e in examples], np.int32),
+        captions=[e["caption"].decode("utf-8") for e in examples],
+        attributes={a: np.asarray([e[a] for e in examples], np.int32) for a in shapes.ATTRIBUTES},
+        name="shapes",
+        split=split,
+        num_classes=shapes.NUM_COMBINATIONS,
+        class_names=shapes.CLASS_NAMES,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Named TFDS datasets
+# ----------------------------------------------------------------------------------------------
+
+def _how_to_provide(name: str, data_dir: str) -> str:
+    base = name.split(":")[0].split("/")[0]
+    return (
+        "jaxgen never downloads data. To provide it: on a machine with network access and TensorFlow run\n"
+        f"    tfds build {base} --file_format=array_record --data_dir=/some/dir\n"
+        f"(or tfds.builder({base!r}, data_dir='/some/dir').download_and_prepare(file_format='array_record')),\n"
+        f"then copy /some/dir/{base} into {data_dir}, or pass data_dir= (or set JAXGEN_DATA_DIR) to the folder "
+        "that holds it. Offline alternatives: 'digits', 'shapes', or 'folder:/path/to/images'."
+    )
+
+
+def _load_tfds(name: str, split: str, data_dir: str, resolution=None,
+               max_bytes: int = DEFAULT_MAX_BYTES) -> ArrayDataset:
+    import tensorflow_datasets as tfds
+
+    from jaxgen.data.folder import resize_center_crop
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise DataError(f"unknown dataset {name!r}: not an embedded dataset {EMBEDDED}, not 'folder:/path', "
+                        f"and neither a TFDS dataset nor prepared in {data_dir}.\n"
+                        + _how_to_provide(name, data_dir)) from e
+    except ImportError as e:
+        raise DataError(f"the TFDS builder of {name!r} needs a module that is not installed ({e}); "
+                        "prepare it elsewhere and copy the prepared folder into data_dir") from e
+    if not builder.is_prepared():
+        base_dir = os.path.join(data_dir, builder.name)
+        found = sorted(os.listdir(base_dir)) if os.path.isdir(base_dir) else []
+        raise DataError(f"TFDS dataset {name!r} is not prepared in {data_dir} (looked for {builder.data_dir}; "
+                        f"found there: {found or 'nothing'}).\n" + _how_to_provide(name, data_dir))
+    random_access = set(tfds.core.file_adapters.FileFormat.with_random_access())
+    formats = set(builder.info.available_file_formats())
+    if not formats & random_access:
+        raise DataError(
+            f"TFDS dataset {name!r} in {builder.data_dir} is stored as {sorted(f.value for f in formats)}, which "
+            "cannot be read without TensorFlow; jaxgen reads ArrayRecord. Re-prepare it with "
+            f"--file_format=array_record (on a machine with TensorFlow: `tfds build {builder.name} "
+            "--file_format=array_record`) and copy it here."
+        )
+    features = builder.info.features
+    image_key = _image_key(name, features)
+    label_feature = features["label"] if "label" in features.keys() else None
+    has_labels = isinstance(label_feature, tfds.features.ClassLabel)
+    caption_key = next((k for k in ("caption", "text") if k in features.keys()
+                        and isinstance(features[k], tfds.features.Text)), None)
+
+    try:
+        source = builder.as_data_source(split=split)
+    except (ValueError, KeyError) as e:
+        raise DataError(f"TFDS dataset {name!r}: cannot open split {split!r} ({e}); available splits: "
+                        f"{sorted(builder.info.splits)}") from e
+    n = len(source)
+    shape = tuple(features[image_key].shape)
+    if resolution is not None:
+        from jaxgen.data.folder import _resolution_hw
+
+        shape = _resolution_hw(resolution) + shape[-1:]
+    if None not in shape and n * int(np.prod(shape)) > max_bytes:
+        raise DataError(f"{name!r} split {split!r} holds {n} images {shape} = {n * np.prod(shape) / 2**30:.1f} GiB, "
+                        f"over max_bytes={max_bytes}; load a slice (e.g. '{split}[:10%]') or raise max_bytes")
+    images, labels, texts, total = [], [], [], 0
+    for start in range(0, n, _READ_CHUNK):
+        for j, ex in enumerate(source.__getitems__(list(range(start, min(n, start + _READ_CHUNK)))), start):
+            img = np.asarray(ex[image_key])
+            if img.ndim == 2:
+                img = img[..., None]  # [H, W] -> [H, W, 1]
+            if img.dtype != np.uint8 or img.ndim != 3 or img.shape[-1] not in (1, 3):
+                raise DataError(f"{name!r} example {j}: feature {image_key!r} is {img.dtype} {img.shape}; "
+                                "jaxgen needs uint8 [H, W, 1 or 3] images")
+            if resolution is not None:
+                img = resize_center_crop(img, resolution)
+            elif images and img.shape != images[0].shape:
+                raise DataError(f"{name!r} example {j} is {img.shape} but example 0 is {images[0].shape}; "
+                                "pass resolution= to resize and center-crop all images to one size")
+            total += img.nbytes
+            if total > max_bytes:
+                raise DataError(f"{name!r} split {split!r} exceeds max_bytes={max_bytes} after {j + 1} of {n} "
+                                f"images; load a slice (e.g. '{split}[:10%]') or raise max_bytes")
+            images.append(img)
+            if has_labels:
+                labels.append(int(ex["label"]))
+            if caption_key is not None:
+                texts.append(ex[caption_key].decode("utf-8"))
+    if not images:
+        raise DataError(f"TFDS dataset {name!r} split {split!r} is empty")
+    return ArrayDataset(
+        images=np.stack(images),
+        labels=np.asarray(labels, np.int32) if has_labels else None,
+        captions=texts if caption_key is not None else None,
+        name=name,
+        split=split,
+        num_classes=int(label_feature.num_classes) if has_labels else None,
+        class_names=tuple(label_feature.names) if has_labels else None,
+    )
+
+
+def _image_key(name: str, features) -> str:
+    """The feature holding the images: "image", else the only rank-3 uint8 Image/Tensor feature."""
+    import tensorflow_datasets as tfds
+
+    if "image" in features.keys():
+        return "image"
+    candidates = [k for k in features.keys()
+                  if isinstance(features[k], (tfds.features.Image, tfds.features.Tensor))
+                  and len(features[k].shape) == 3 and features[k].dtype == np.uint8]
+    if len(candidates) != 1:
+        raise DataError(f"TFDS dataset {name!r} has no single image feature (features: {list(features.keys())}); "
+                        "jaxgen reads the 'image' feature, or the only uint8 [H, W, C] one")
+    return candidates[0]

@@ -1,0 +1,165 @@
+"""Training engine: pipeline order, sharding rule, EMA, NaN guard, configs, CLI errors, Run."""
+import glob
+import importlib
+import os
+import stat
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxgen
+from jaxgen.data import pipeline
+from jaxgen.errors import CheckpointError, ConfigError, DataError, NonFiniteError
+from jaxgen.training import mesh as mesh_lib
+from jaxgen.training.optim import ema_decay, ema_update
+from jaxgen.training.trainer import Trainer, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+                 if not os.path.basename(p).startswith(("_", "common")))
+
+
+def get_config(name, arg="tiny"):
+    return importlib.import_module(f"configs.{name}").get_config(arg)
+
+
+def test_batches_are_a_pure_function_of_seed_and_step():
+    a = [pipeline.batch_indices(100, 16, 3, s) for s in range(13)]
+    b = [pipeline.batch_indices(100, 16, 3, s) for s in range(13)]
+    assert all((x == y).all() for x, y in zip(a, b))
+    epoch0 = np.concatenate(a[:6])  # 100 // 16 = 6 steps per epoch, no repeats inside an epoch
+    assert len(set(epoch0.tolist())) == 96
+    assert not (a[6] == a[0]).all()  # the next epoch is reshuffled
+    assert not (pipeline.batch_indices(100, 16, 4, 0) == a[0]).all()
+    assert pipeline.process_slice(16, 1, 2) == slice(8, 16)
+    with pytest.raises(DataError, match="larger than the dataset"):
+        pipeline.batch_indices(10, 16, 0, 0)
+
+
+def test_fsdp_rule_and_mesh_errors():
+    assert mesh_lib.param_spec((3, 3, 32, 64), 2) == jax.sharding.PartitionSpec(None, None, None, "fsdp")
+    assert mesh_lib.param_spec((7,), 2) == jax.sharding.PartitionSpec()
+    assert mesh_lib.param_spec((33, 31, 5), 2) == jax.sharding.PartitionSpec()
+    assert mesh_lib.param_spec((3, 3, 32, 64), 1) == jax.sharding.PartitionSpec()
+    with pytest.raises(ConfigError, match="mesh.data"):
+        mesh_lib.make_mesh(data=2, fsdp=1)  # one CPU device here
+    m = mesh_lib.make_mesh()
+    assert m.axis_names == ("data", "fsdp") and m.shape["data"] == len(jax.devices())
+
+
+def test_ema_warmup():
+    assert float(ema_decay(0, 0.999)) == pytest.approx(0.1)
+    assert float(ema_decay(10_000, 0.999)) == pytest.approx(0.999)
+    ema = ema_update({"w": jnp.zeros(2)}, {"w": jnp.ones(2)}, 0, 0.999)
+    np.testing.assert_allclose(ema["w"], 0.9)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, data_dir):
+    wd = str(tmp_path_factory.mktemp("tiny_ae"))
+    c = get_config("digits_ae")
+    c.ema.decay = 0.99
+    return train(c, wd)
+
+
+def test_run_api(tiny_run, data_dir):
+    run = tiny_run
+    assert run.step == 2 and isinstance(run.config.model.channels, (tuple, list))
+    again = jaxgen.load_run(run.workdir, step=2)
+    for a, b in zip(jax.tree_util.tree_leaves(run.params), jax.tree_util.tree_leaves(again.params)):
+        np.testing.assert_array_equal(a, b)
+    images = run.task.load_data("test").images[:5]
+    codes = run.encode(images)
+    assert codes.shape == (5, 2) and codes.dtype == np.float32
+    out = run.decode(codes)
+    assert out.shape == images.shape and out.dtype == np.uint8
+    assert run.reconstruct(images).shape == images.shape
+    with pytest.raises(DataError, match=r"uint8 \[N, 8, 8, 1\]"):
+        run.reconstruct(np.zeros((2, 16, 16, 3), np.uint8))
+    with pytest.raises(DataError, match="dtype float32"):
+        run.reconstruct(images.astype(np.float32))
+    with pytest.raises(AttributeError, match="no sample"):
+        run.sample(2)
+    with pytest.raises(CheckpointError, match="no checkpoint for step 7"):
+        jaxgen.load_run(run.workdir, step=7)
+    assert os.path.isfile(os.path.join(run.workdir, "metrics.jsonl"))
+    assert glob.glob(os.path.join(run.workdir, "tensorboard", "events.*"))
+
+
+def test_resume_refuses_a_changed_model(tiny_run):
+    c = get_config("digits_ae")
+    c.ema.decay = 0.99
+    c.model.hidden_dim = 7
+    with pytest.raises((ConfigError, CheckpointError)):
+        Trainer(c, tiny_run.workdir).fit()
+    c = get_config("digits_ae")
+    c.ema.decay = 0.99
+    c.total_steps = 3  # schedules may change: training goes on from step 2
+    train(c, tiny_run.workdir)
+    assert jaxgen.load_run(tiny_run.workdir).step == 3
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_nonfinite_guard(policy, tmp_path, data_dir):
+    c = get_config("digits_ae")
+    c.optim.lr = 1e35  # the first update overflows
+    c.optim.warmup_steps = 0
+    c.nan_policy = policy
+    wd = str(tmp_path / policy)
+    if policy == "stop":
+        with pytest.raises(NonFiniteError, match="nan_policy=skip"):
+            train(c, wd)
+        assert not [d for d in os.listdir(os.path.join(wd, "checkpoints")) if d.isdigit()]
+    else:
+        run = train(c, wd)
+        assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(run.params))
+
+
+def test_unwritable_workdir(tmp_path, data_dir):
+    if os.geteuid() == 0:
+        target = "/proc/jaxgen-cannot-write-here"  # root ignores permission bits
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        os.chmod(locked, stat.S_IRUSR | stat.S_IXUSR)
+        target = str(locked / "run")
+    with pytest.raises(CheckpointError, match="choose a --workdir"):
+        Trainer(get_config("digits_ae"), target)
+
+
+def test_config_errors(tmp_path, data_dir):
+    c = get_config("digits_ae")
+    c.compute_dtype = "float8"
+    with pytest.raises(ConfigError, match="compute_dtype"):
+        Trainer(c, str(tmp_path / "a"))
+    c = get_config("digits_ae")
+    c.batch_size = 12
+    c.mesh.data = 1
+    c.model_class = "jaxgen.nn.autoencoder:NoSuchNet"
+    with pytest.raises(ConfigError, match="NoSuchNet"):
+        Trainer(c, str(tmp_path / "b"))
+    with pytest.raises(ValueError, match="unknown config argument"):
+        get_config("digits_ae", "tiny,huge")
+
+
+def test_cli_rejects_misspelled_field(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "train", "--config", "configs/digits_ae.py:tiny",
+                          "--config.optim.lrr=0.1", f"--workdir={tmp_path}"], cwd=ROOT,
+                         capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode != 0
+    assert "lrr" in out.stderr
+    assert not os.path.isdir(os.path.join(tmp_path, "checkpoints"))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_tiny_config_trains_two_jitted_steps(name, tmp_path, data_dir):
+    c = get_config(name)
+    assert c.batch_size % 8 == 0 and c.total_steps == 2
+    run = train(c, str(tmp_path / name))
+    assert run.step == 2
+    doc = importlib.import_module(f"configs.{name}").__doc__
+    assert doc.startswith(f"python -m train --config configs/{name}.py")
