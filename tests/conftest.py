@@ -1,8 +1,16 @@
-"""Test set-up: CPU only, float32 matmuls at full precision, a shared prepared-data directory."""
+"""Test set-up: CPU only, float32 matmuls at full precision, a shared prepared-data directory,
+and a persistent compilation cache shared with the subprocesses the tests start (the same
+program compiles once per session, not once per process)."""
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+_session_tmp = tempfile.mkdtemp(prefix="jaxgen-tests-")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_session_tmp, "jax-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+os.environ.setdefault("JAXGEN_DATA_DIR", os.path.join(_session_tmp, "tfds"))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -11,8 +19,6 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 
 @pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
+def data_dir():
     """One TFDS data dir for the whole session (embedded datasets are prepared once)."""
-    path = os.environ.get("JAXGEN_TEST_DATA_DIR") or str(tmp_path_factory.mktemp("tfds"))
-    os.environ["JAXGEN_DATA_DIR"] = path
-    return path
+    return os.environ["JAXGEN_DATA_DIR"]

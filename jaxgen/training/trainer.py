@@ -120,8 +120,8 @@ class Trainer:
         latest = self.checkpointer.latest_step()
         config_dict = config_to_dict(self.config)
         if latest is None:
-            state = jax.jit(self._create, out_shardings=self.state_shardings)()
-            return state, 0
+            # built in place with its shardings: never the whole state on one device first
+            return jax.jit(self._create, out_shardings=self.state_shardings)(), 0
         state, saved_config, step = self.checkpointer.restore(abstract)
         _check_resume_config(saved_config, config_dict, self.workdir)
         log.info("resumed %s at step %d", self.workdir, step)
