@@ -35,6 +35,7 @@ CLASSES: dict[str, str] = {
     "CLIPModel": "jaxgen.nn.clip:CLIPModel",
     "ConvAutoencoder": "jaxgen.nn.autoencoder:ConvAutoencoder",
     "DenseAutoencoder": "jaxgen.nn.autoencoder:DenseAutoencoder",
+    "ConvVAE": "jaxgen.nn.autoencoder:ConvVAE",
 }
 
 
