@@ -41,3 +41,30 @@ def make_tiny(c: ml_collections.ConfigDict) -> None:
     c.log_every = 1
     c.image_every = 0
     c.optim.warmup_steps = 1
+
+
+def digits_autoencoder(latent_dim: int, skip: bool = False, dense: bool = False) -> ml_collections.ConfigDict:
+    """An autoencoder-family run on the embedded 8x8 digits (3,000 steps of batch 128)."""
+    c = base_config()
+    c.task = "autoencoder"
+    c.data = ml_collections.ConfigDict({"name": "digits", "train_split": "train", "eval_split": "test",
+                                        "data_dir": "", "exclude_labels": ()})
+    if dense:
+        c.model_class = "jaxgen.nn.autoencoder:DenseAutoencoder"
+        c.model = ml_collections.ConfigDict({"image_size": 8, "in_channels": 1, "hidden_dims": (256, 128),
+                                             "latent_dim": latent_dim, "act": "relu"})
+    else:
+        c.model_class = "jaxgen.nn.autoencoder:ConvAutoencoder"
+        c.model = ml_collections.ConfigDict({"image_size": 8, "in_channels": 1, "channels": (32, 64),
+                                             "hidden_dim": 128, "latent_dim": latent_dim, "skip": skip,
+                                             "act": "relu"})
+    c.objective = ml_collections.ConfigDict({"corruption": "none", "sigma": 0.5, "rho": 0.3, "l1": 0.0,
+                                             "beta": 1.0})
+    c.batch_size = 128
+    c.total_steps = 3000
+    c.checkpoint_every = 1000
+    c.log_every = 100
+    c.image_every = 1000
+    c.optim.lr = 2e-3
+    c.optim.warmup_steps = 100
+    return c

@@ -31,5 +31,7 @@ def init_distributed() -> None:
 
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    for noisy in ("absl", "orbax", "jax._src"):
+    for noisy in ("orbax", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Orbax reports read-only managers (load_run) through absl at WARNING level: not a problem
+    logging.getLogger("absl").setLevel(logging.ERROR)

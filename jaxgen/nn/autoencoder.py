@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from jaxgen.convert.pretrained import Pretrained
 from jaxgen.errors import ConfigError
+from jaxgen.nn.gaussian import DiagonalGaussian
 
 ACTIVATIONS = {"relu": nn.relu, "silu": nn.silu, "gelu": lambda x: nn.gelu(x, approximate=False),
                "tanh": jnp.tanh, "elu": nn.elu}
@@ -101,12 +102,15 @@ class ConvAutoencoder(nn.Module, Pretrained):
         self.bottom = self.image_size // 2 ** len(self.channels)
         if self.latent_dim:
             self.enc_hidden = nn.Dense(self.hidden_dim, dtype=self.dtype)
-            self.to_code = nn.Dense(self.latent_dim, dtype=self.dtype)
+            self.to_code = nn.Dense(self._code_width(), dtype=self.dtype)
             self.dec_hidden = nn.Dense(self.hidden_dim, dtype=self.dtype)
             self.from_code = nn.Dense(self.bottom ** 2 * self.channels[-1], dtype=self.dtype)
         self.dec_ups = [conv(ch) for ch in reversed(self.channels)]
         self.dec_convs = [conv(ch) for ch in reversed(self.channels)]
         self.conv_out = nn.Conv(self.in_channels, (3, 3), padding=1, dtype=self.dtype)
+
+    def _code_width(self) -> int:
+        return self.latent_dim
 
     def _encode(self, x):
         act = _activation(self.act)
@@ -150,3 +154,39 @@ class ConvAutoencoder(nn.Module, Pretrained):
 
     def dummy_inputs(self):
         return (jnp.zeros((1, self.image_size, self.image_size, self.in_channels)),), {}
+
+
+class ConvVAE(ConvAutoencoder):
+    """Variational autoencoder on ConvAutoencoder's encoder/decoder (no skips).
+
+    The encoder gives a DiagonalGaussian posterior over a [B, latent_dim] code; the decoder gives
+    Bernoulli logits over pixels in [0, 1] (``decode_logits``); ``decode`` maps them to images in
+    [-1, 1] (2·sigmoid − 1). Loss (in the task): −log p(x|z) + β·KL(q(z|x) || N(0, I)).
+    """
+
+    def setup(self):
+        if self.skip or not self.latent_dim:
+            raise ConfigError("ConvVAE needs skip=False and latent_dim > 0.")
+        super().setup()
+
+    def _code_width(self) -> int:
+        return 2 * self.latent_dim  # mean and log-variance
+
+    def encode(self, x: jax.Array) -> DiagonalGaussian:
+        """x: [B, H, W, C] in [-1, 1] -> posterior over codes [B, latent_dim]."""
+        return DiagonalGaussian.from_moments(self._encode(x)[0])
+
+    def decode_logits(self, z: jax.Array) -> jax.Array:
+        """z: [B, latent_dim] -> Bernoulli logits [B, H, W, C] of pixels in [0, 1]."""
+        return ConvAutoencoder.decode(self, z)
+
+    def decode(self, z: jax.Array, skips=None) -> jax.Array:
+        """z: [B, latent_dim] -> images [B, H, W, C] in [-1, 1] (the Bernoulli means, rescaled)."""
+        return jnp.tanh(0.5 * self.decode_logits(z))  # == 2 * sigmoid(l) - 1
+
+    def __call__(self, x: jax.Array, key: jax.Array | None = None):
+        """x -> (logits [B, H, W, C], posterior). With ``key`` the decoder sees a posterior sample
+        (reparameterised), without it the posterior mean."""
+        q = self.encode(x)
+        z = q.mode() if key is None else q.sample(key)
+        return self.decode_logits(z), q
