@@ -90,6 +90,7 @@ def load_run(workdir: str | os.PathLike, step: int | None = None) -> Run:
                               "(python -m train --config ... --workdir ...).")
     config = ml_collections.ConfigDict(ckpt.read_config(step))
     task = make_task(config)
+    task.attach(workdir, training=False)
     tx, _ = make_optimizer(config.optim, config.total_steps)
     use_ema = ema_decay_of(config) is not None
     shapes = jax.eval_shape(lambda: new_train_state(task, tx, use_ema, jax.random.key(0)))

@@ -92,6 +92,7 @@ class Trainer:
         check_writable(self.workdir)
         self.is_main = jax.process_index() == 0
         self.task = make_task(config)
+        self.task.attach(self.workdir, training=True)
         self.mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp)
         batch_devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         if config.batch_size % batch_devices:

@@ -36,6 +36,12 @@ class Task:
         self.config = config
         self.model = build_module(config.model_class, config.model.to_dict())
 
+    def attach(self, workdir: str, training: bool) -> None:
+        """Called with the run directory before anything else: when training (on every process;
+        only process 0 should write) and by load_run (training=False). Tasks that keep files
+        beside the checkpoints (e.g. a tokenizer trained on the captions) create or read them here.
+        """
+
     # -- data --------------------------------------------------------------------------------
     def load_data(self, split: str):
         """The ArrayDataset of ``split`` (config.data.name, prepared offline on first use)."""
