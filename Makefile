@@ -1,4 +1,4 @@
-# make demo: set up .venv, train the digits autoencoder, evaluate it, write images under runs/.
+# make demo: set up .venv, train the 2-D digits autoencoder and the VAE, evaluate them, write images under runs/.
 # make test: set up .venv with the test extra and run the suite.
 PYTHON ?= python3
 VENV := .venv
@@ -25,8 +25,12 @@ install-test: $(VENV)/.installed-test
 demo: $(VENV)/.installed
 	$(PY) -m train --config configs/digits_ae.py --workdir runs/digits_ae
 	$(PY) -m train.eval --workdir runs/digits_ae
-	$(PY) -m train.sample --workdir runs/digits_ae --num 32 --out runs/digits_ae/samples.png
-	@echo "demo done: see runs/digits_ae/ (eval.json, eval/codes_scatter.png, eval/reconstructions.png, samples.png, images/)"
+	$(PY) -m train --config configs/digits_vae.py --workdir runs/digits_vae
+	$(PY) -m train.eval --workdir runs/digits_vae
+	$(PY) -m train.sample --workdir runs/digits_vae --num 64 --out runs/digits_vae/samples.png
+	@echo "demo done. 2-D autoencoder vs PCA: runs/digits_ae/eval.json, runs/digits_ae/eval/codes_scatter.png,"
+	@echo "  runs/digits_ae/eval/reconstructions.png; VAE: runs/digits_vae/eval.json, runs/digits_vae/samples.png,"
+	@echo "  runs/digits_vae/eval/{samples,interpolations,reconstructions}.png"
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest tests
