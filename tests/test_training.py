@@ -163,3 +163,11 @@ def test_every_tiny_config_trains_two_jitted_steps(name, tmp_path, data_dir):
     assert run.step == 2
     doc = importlib.import_module(f"configs.{name}").__doc__
     assert doc.startswith(f"python -m train --config configs/{name}.py")
+
+
+def test_missing_dataset_is_a_clear_error_without_leftovers(tmp_path, data_dir):
+    c = get_config("digits_ae")
+    c.data.name = "mnist"  # not prepared here, and never downloaded
+    with pytest.raises(DataError, match="mnist"):
+        Trainer(c, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
