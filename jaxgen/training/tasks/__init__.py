@@ -11,6 +11,7 @@ from jaxgen.errors import ConfigError
 TASKS: dict[str, str] = {
     "autoencoder": "jaxgen.training.tasks.autoencoder:AutoencoderTask",
     "vae": "jaxgen.training.tasks.autoencoder:VAETask",
+    "clip": "jaxgen.training.tasks.clip:ClipTask",
 }
 
 
