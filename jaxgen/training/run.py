@@ -17,7 +17,8 @@ from jaxgen.errors import CheckpointError
 from jaxgen.training import mesh as mesh_lib
 from jaxgen.training.checkpoint import Checkpointer, abstract_with_shardings
 from jaxgen.training.optim import make_optimizer
-from jaxgen.training.trainer import ema_decay_of, new_train_state
+from jaxgen.training.trainer import (MAIN_STAGE, checkpoint_dir, ema_decay_of, final_params,
+                                     new_train_state, stage_config)
 from jaxgen.training.tasks import make_task
 
 
@@ -79,23 +80,52 @@ class Run:
         return self._ability("tokenizer_for")(self.workdir)
 
 
+def _find_config(workdir: str, step: int | None) -> dict:
+    """The run's config, from its checkpoints (single-stage: DIR/checkpoints; else any stage's)."""
+    base = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(base):
+        raise CheckpointError(f"{workdir} has no checkpoint yet: train it first "
+                              "(python -m train --config ... --workdir ...).")
+    if any(d.isdigit() for d in os.listdir(base)):
+        return Checkpointer(base, read_only=True).read_config(step)
+    for stage in sorted(os.listdir(base)):
+        folder = os.path.join(base, stage)
+        if os.path.isdir(folder) and any(d.isdigit() for d in os.listdir(folder)):
+            return Checkpointer(folder, read_only=True).read_config()
+    raise CheckpointError(f"{workdir} has no checkpoint yet: train it first "
+                          "(python -m train --config ... --workdir ...).")
+
+
 def load_run(workdir: str | os.PathLike, step: int | None = None) -> Run:
-    """Load the run in ``workdir`` at ``step`` (default: its latest checkpoint)."""
+    """Load the run in ``workdir`` at ``step`` (default: its latest checkpoint).
+
+    Multi-stage runs load every stage (``step`` applies to the last one); ``run.params`` is then
+    {stage: params}.
+    """
     workdir = os.path.abspath(os.fspath(workdir))
     if not os.path.isdir(workdir):
         raise CheckpointError(f"{workdir}: no such run directory.")
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
-    if ckpt.latest_step() is None:
-        raise CheckpointError(f"{workdir} has no checkpoint yet: train it first "
-                              "(python -m train --config ... --workdir ...).")
-    config = ml_collections.ConfigDict(ckpt.read_config(step))
+    config = ml_collections.ConfigDict(_find_config(workdir, step))
     task = make_task(config)
     task.attach(workdir, training=False)
-    tx, _ = make_optimizer(config.optim, config.total_steps)
-    use_ema = ema_decay_of(config) is not None
-    shapes = jax.eval_shape(lambda: new_train_state(task, tx, use_ema, jax.random.key(0)))
     local = mesh_lib.make_mesh(-1, 1, devices=jax.local_devices())
-    abstract = abstract_with_shardings(shapes, jax.tree_util.tree_map(lambda _: mesh_lib.replicated(local), shapes))
-    state, _, step = ckpt.restore(abstract, step)
-    params = state.ema_params if state.ema_params is not None else state.params
-    return Run(config=config, task=task, params=params, step=int(step), workdir=workdir, raw_params=state.params)
+    frozen, raw, steps = {}, {}, {}
+    for i, stage in enumerate(task.stages):
+        sconf = stage_config(config, stage)
+        sub = task.stage_task(stage, frozen, sconf)
+        folder = checkpoint_dir(workdir, stage)
+        if not os.path.isdir(folder):
+            raise CheckpointError(f"stage {stage!r} of {workdir} has no checkpoint yet: resume "
+                                  "training (the same python -m train command) to finish it.")
+        ckpt = Checkpointer(folder, read_only=True)
+        tx, _ = make_optimizer(sconf.optim, sconf.total_steps)
+        use_ema = ema_decay_of(sconf) is not None
+        shapes = jax.eval_shape(lambda: new_train_state(sub, tx, use_ema, jax.random.key(0)))
+        abstract = abstract_with_shardings(shapes, jax.tree_util.tree_map(lambda _: mesh_lib.replicated(local), shapes))
+        last = i == len(task.stages) - 1
+        state, _, steps[stage] = ckpt.restore(abstract, step if last else None)
+        frozen[stage], raw[stage] = final_params(state), state.params
+    single = tuple(task.stages) == (MAIN_STAGE,)
+    return Run(config=config, task=task, params=frozen[MAIN_STAGE] if single else frozen,
+               step=int(steps[task.stages[-1]]), workdir=workdir,
+               raw_params=raw[MAIN_STAGE] if single else raw)

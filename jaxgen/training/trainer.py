@@ -78,21 +78,64 @@ def ema_decay_of(config) -> float | None:
     return float(ema.decay) if ema is not None and ema.decay > 0 else None
 
 
+MAIN_STAGE = "main"
+STAGE_FIELDS = ("batch_size", "total_steps", "checkpoint_every", "log_every", "image_every", "optim",
+                "ema", "compute_dtype", "nan_policy", "seed")
+
+
+def stage_config(config: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
+    """The config one stage trains with: the top-level fields overlaid by ``config.stages[stage]``.
+
+    Single-stage configs (no ``stages`` field) are returned as they are. Stage entries may set
+    STAGE_FIELDS (optim and ema are merged field by field) and any task-specific fields.
+    """
+    if "stages" not in config or stage == MAIN_STAGE:
+        return config
+    if stage not in config.stages:
+        raise ConfigError(f"config.stages has no entry {stage!r}; it has {', '.join(config.stages)}.")
+    merged = ml_collections.ConfigDict(config.to_dict())
+    merged.unlock()
+    del merged["stages"]
+    for key, value in config.stages[stage].items():
+        if key in ("optim", "ema") and isinstance(value, ml_collections.ConfigDict):
+            for k, v in value.items():
+                merged[key][k] = v
+        else:
+            merged[key] = value
+    merged.stage = stage
+    merged.lock()
+    return merged
+
+
 def new_train_state(task, tx, use_ema: bool, key: jax.Array) -> TrainState:
     """Step-0 state of ``task`` (call under jax.eval_shape for shapes only)."""
     return create_state(task.init_params(key, task.example_batch()), tx, use_ema)
 
 
-class Trainer:
-    """Builds everything a run needs; ``fit()`` trains to total_steps, resuming by itself."""
+def checkpoint_dir(workdir: str, stage: str) -> str:
+    """DIR/checkpoints for single-stage runs, DIR/checkpoints/STAGE for each stage of the others."""
+    base = os.path.join(workdir, "checkpoints")
+    return base if stage == MAIN_STAGE else os.path.join(base, stage)
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+
+class Trainer:
+    """Trains one stage of a run; ``fit()`` trains to total_steps, resuming by itself.
+
+    task: the stage's task (default: built from config, attached to workdir).
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str, stage: str = MAIN_STAGE,
+                 task=None, run_config: ml_collections.ConfigDict | None = None):
         validate_config(config)
-        self.config, self.workdir = config, os.path.abspath(workdir)
+        self.config, self.workdir, self.stage = config, os.path.abspath(workdir), stage
+        # the whole run's config: saved with every checkpoint, compared on resume
+        self.run_config = config if run_config is None else run_config
         check_writable(self.workdir)
         self.is_main = jax.process_index() == 0
-        self.task = make_task(config)
-        self.task.attach(self.workdir, training=True)
+        if task is None:
+            task = make_task(config)
+            task.attach(self.workdir, training=True)
+        self.task = task
         self.mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp)
         batch_devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         if config.batch_size % batch_devices:
@@ -104,7 +147,7 @@ class Trainer:
         self.init_key, self.train_key = jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
         self.data = self.task.batch_arrays(self.task.load_data(config.data.train_split))
         self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
-        self.checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"),
+        self.checkpointer = Checkpointer(checkpoint_dir(self.workdir, stage),
                                          max_to_keep=config.get("keep_checkpoints", 3))
 
     # -- state ------------------------------------------------------------------------------
@@ -119,7 +162,7 @@ class Trainer:
     def initial_state(self) -> tuple[TrainState, int]:
         abstract = self.abstract_state()
         latest = self.checkpointer.latest_step()
-        config_dict = config_to_dict(self.config)
+        config_dict = config_to_dict(self.run_config)
         if latest is None:
             # built in place with its shardings: never the whole state on one device first
             return jax.jit(self._create, out_shardings=self.state_shardings)(), 0
@@ -135,20 +178,20 @@ class Trainer:
         state, start = self.initial_state()
         if self.is_main:
             with open(os.path.join(self.workdir, "config.json"), "w") as f:
-                f.write(cfg.to_json(indent=2))
+                f.write(self.run_config.to_json(indent=2))
         step_fn = make_train_step(self.task.loss_fn, self.tx, schedule=self.schedule,
                                   ema_decay=self.ema_decay, ema_warmup=bool(cfg.get("ema", {}).get("warmup", True)),
                                   compute_dtype=DTYPES[cfg.get("compute_dtype", "float32")])
         replicated = mesh_lib.replicated(self.mesh)
         jitted = jax.jit(step_fn, in_shardings=(self.state_shardings, self.batch_sharding, replicated),
                          out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
-        logger = MetricLogger(self.workdir, enabled=self.is_main)
+        logger = MetricLogger(self.workdir, enabled=self.is_main, stage=self.stage)
         end = cfg.total_steps if stop_after is None else min(cfg.total_steps, start + stop_after)
         pending: list[dict] = []
         bar = _progress(start, cfg.total_steps, self.is_main)
         t_last, s_last = time.perf_counter(), start
         image_every = int(cfg.get("image_every", 0) or 0)
-        config_dict = config_to_dict(cfg)
+        config_dict = config_to_dict(self.run_config)
         try:
             for step in range(start, end):
                 local = pipeline.host_batch(self.data, cfg.batch_size, cfg.seed, step)
@@ -195,25 +238,28 @@ class Trainer:
         params = state.ema_params if state.ema_params is not None else state.params
         grid = self.task.preview(params, batch)
         if grid is not None:
-            save_png(os.path.join(self.workdir, "images", f"step_{step:07d}.png"), grid)
+            prefix = "" if self.stage == MAIN_STAGE else f"{self.stage}_"
+            save_png(os.path.join(self.workdir, "images", f"{prefix}step_{step:07d}.png"), grid)
 
 
 class MetricLogger:
     """metrics.jsonl (one JSON object per log step) and TensorBoard scalars, on process 0."""
 
-    def __init__(self, workdir: str, enabled: bool = True):
-        self.enabled = enabled
+    def __init__(self, workdir: str, enabled: bool = True, stage: str = MAIN_STAGE):
+        self.enabled, self.stage = enabled, stage
         if not enabled:
             return
         self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
         from tensorboardX import SummaryWriter
 
-        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        tb_dir = os.path.join(workdir, "tensorboard") if stage == MAIN_STAGE else os.path.join(workdir, "tensorboard", stage)
+        self.tb = SummaryWriter(tb_dir)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        row = {"step": step, **metrics} if self.stage == MAIN_STAGE else {"stage": self.stage, "step": step, **metrics}
+        self.jsonl.write(json.dumps(row) + "\n")
         self.jsonl.flush()
         for k, v in metrics.items():
             self.tb.add_scalar(k, v, step)
@@ -231,11 +277,29 @@ def _progress(start: int, total: int, enabled: bool):
     return tqdm(total=total, initial=start, disable=not enabled, dynamic_ncols=True, desc="train")
 
 
+def final_params(state: TrainState):
+    """The parameters a stage hands on: its EMA when it keeps one."""
+    return state.ema_params if state.ema_params is not None else state.params
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None = None):
-    """Train ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the Run."""
+    """Train ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the Run.
+
+    A task with several stages (``task.stages``, e.g. an autoencoder, then a prior on its codes)
+    trains them in order, each to its own total_steps with its own checkpoints; later stages get
+    the earlier stages' final parameters. A stage already at its total_steps is only restored.
+    """
     from jaxgen.training.run import load_run
 
-    trainer = Trainer(config, workdir)
-    trainer.fit(stop_after=stop_after)
-    trainer.checkpointer.close()
+    validate_config(config)
+    check_writable(os.path.abspath(workdir))
+    task = make_task(config)
+    task.attach(os.path.abspath(workdir), training=True)
+    frozen: dict = {}
+    for stage in task.stages:
+        sconf = stage_config(config, stage)
+        trainer = Trainer(sconf, workdir, stage, task.stage_task(stage, frozen, sconf), run_config=config)
+        state = trainer.fit(stop_after=stop_after)
+        trainer.checkpointer.close()
+        frozen[stage] = final_params(state)
     return load_run(workdir)

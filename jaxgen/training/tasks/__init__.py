@@ -12,6 +12,7 @@ TASKS: dict[str, str] = {
     "autoencoder": "jaxgen.training.tasks.autoencoder:AutoencoderTask",
     "vae": "jaxgen.training.tasks.autoencoder:VAETask",
     "clip": "jaxgen.training.tasks.clip:ClipTask",
+    "diffusion": "jaxgen.training.tasks.diffusion:DiffusionTask",
 }
 
 

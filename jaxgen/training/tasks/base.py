@@ -31,10 +31,17 @@ class Task:
     and the Run abilities (encode/decode/reconstruct/sample/encode_text/encode_image)."""
 
     name = "task"
+    stages: tuple[str, ...] = ("main",)
 
     def __init__(self, config):
         self.config = config
         self.model = build_module(config.model_class, config.model.to_dict())
+
+    def stage_task(self, stage: str, frozen: dict, config) -> "Task":
+        """The task that trains ``stage`` with ``config`` (the stage's merged config), given the
+        earlier stages' final parameters ``frozen`` ({stage: params}). Single-stage tasks
+        return themselves."""
+        return self
 
     def attach(self, workdir: str, training: bool) -> None:
         """Called with the run directory before anything else: when training (on every process;
