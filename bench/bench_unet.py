@@ -21,20 +21,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
+import sys
 import tempfile
 import time
 
 import numpy as np
 
-
-def _median_time(fn, iters: int) -> float:
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import median_time as _median_time, randomize_, setup_threads  # noqa: E402
 
 
 def main() -> None:
@@ -47,10 +41,7 @@ def main() -> None:
     ap.add_argument("--block-out-channels", type=str, default="32,64,128")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    if "jax" not in __import__("sys").modules:  # XLA reads its flags once, when the backend starts
-        if args.threads == 1:
-            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    setup_threads(args.threads)  # before jax starts: XLA reads its flags once
 
     import jax
     import jax.numpy as jnp
@@ -70,9 +61,7 @@ def main() -> None:
                down_block_types=down, up_block_types=up, layers_per_block=2, norm_num_groups=8,
                attention_head_dim=32)
     peer = TorchUNet2DModel(**cfg)
-    with torch.no_grad():  # no zero-initialised layers: every weight random
-        for p in peer.parameters():
-            p.copy_(torch.randn_like(p) * (0.3 / max(1, p[0].numel()) ** 0.5 if p.ndim > 1 else 0.1))
+    randomize_(peer)  # no zero-initialised layers: every weight random
     folder = tempfile.mkdtemp(prefix="bench_unet_")
     peer.save_pretrained(folder)
     module, params = jaxgen.load_pretrained(folder)
@@ -155,50 +144,45 @@ def main() -> None:
     rows.append(("train step", compile_train, ours_tr, peer_tr))
 
     # ---- DDIM sampling loop -----------------------------------------------------------------
-    try:
-        from jaxgen.diffusion.sampling import sample_loop
-        have_sampler = True
-    except ImportError:
-        have_sampler = False
-    if have_sampler:
-        from diffusers import DDIMScheduler as TorchDDIM
+    from diffusers import DDIMScheduler as TorchDDIM
 
-        sched_cfg = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear",
-                     "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}
-        sched = jaxgen.scheduler_from_config(sched_cfg)
-        sstate = sched.set_timesteps(args.ddim_steps)
+    from jaxgen.diffusion.sampling import sample_loop
 
-        def sample(p, z):
-            return sample_loop(sched, sstate, lambda xin, tt, _: module.apply({"params": p}, xin, tt), z)
+    sched_cfg = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear",
+                 "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}
+    sched = jaxgen.scheduler_from_config(sched_cfg)
+    sstate = sched.set_timesteps(args.ddim_steps)
 
-        sample_j = jax.jit(sample)
-        t0 = time.perf_counter()
-        sample_c = sample_j.lower(params, noisej).compile()
-        compile_ddim = time.perf_counter() - t0
-        sample_c(params, noisej).block_until_ready()
-        ours_ddim = _median_time(lambda: sample_c(params, noisej).block_until_ready(), args.ddim_iters)
+    def sample(p, z):
+        return sample_loop(sched, sstate, lambda xin, tt, _: module.apply({"params": p}, xin, tt), z)
 
-        peer.load_state_dict(initial_state)  # the same weights as jaxgen's again (training changed them)
-        peer.eval()
-        tsched = TorchDDIM.from_config({k: v for k, v in sched_cfg.items() if k != "_class_name"})
+    sample_j = jax.jit(sample)
+    t0 = time.perf_counter()
+    sample_c = sample_j.lower(params, noisej).compile()
+    compile_ddim = time.perf_counter() - t0
+    sample_c(params, noisej).block_until_ready()
+    ours_ddim = _median_time(lambda: sample_c(params, noisej).block_until_ready(), args.ddim_iters)
 
-        def peer_sample():
-            tsched.set_timesteps(args.ddim_steps)
-            z = noise_pt.clone()
-            with torch.no_grad():
-                for tt in tsched.timesteps:
-                    z = tsched.step(peer(z, tt).sample, tt, z).prev_sample
-            return z
+    peer.load_state_dict(initial_state)  # the same weights as jaxgen's again (training changed them)
+    peer.eval()
+    tsched = TorchDDIM.from_config({k: v for k, v in sched_cfg.items() if k != "_class_name"})
 
+    def peer_sample():
+        tsched.set_timesteps(args.ddim_steps)
+        z = noise_pt.clone()
         with torch.no_grad():
-            peer(x_pt, t_pt)
-        peer_ddim = _median_time(peer_sample, args.ddim_iters)
-        ref_ddim = peer_sample().numpy().transpose(0, 2, 3, 1)
-        ddim_err = float(np.linalg.norm(np.asarray(sample_c(params, noisej)) - ref_ddim) / np.linalg.norm(ref_ddim))
-        rows.append((f"ddim {args.ddim_steps} steps", compile_ddim, ours_ddim, peer_ddim))
+            for tt in tsched.timesteps:
+                z = tsched.step(peer(z, tt).sample, tt, z).prev_sample
+        return z
 
-    print(f"forward parity: rel. error {err:.2e}" + (f"; DDIM loop rel. error {ddim_err:.2e}" if have_sampler else
-                                                      "; DDIM skipped (no jaxgen.diffusion.sampling)"))
+    with torch.no_grad():
+        peer(x_pt, t_pt)
+    peer_ddim = _median_time(peer_sample, args.ddim_iters)
+    ref_ddim = peer_sample().numpy().transpose(0, 2, 3, 1)
+    ddim_err = float(np.linalg.norm(np.asarray(sample_c(params, noisej)) - ref_ddim) / np.linalg.norm(ref_ddim))
+    rows.append((f"ddim {args.ddim_steps} steps", compile_ddim, ours_ddim, peer_ddim))
+
+    print(f"forward parity: rel. error {err:.2e}; DDIM loop rel. error {ddim_err:.2e}")
     print(f"{'':18s} {'jaxgen compile':>15s} {'jaxgen':>11s} {'diffusers':>11s} {'ours/peer':>10s}")
     for name, comp, ours_t, peer_t in rows:
         print(f"{name:18s} {comp:14.2f}s {ours_t * 1e3:9.1f}ms {peer_t * 1e3:9.1f}ms {ours_t / peer_t:10.2f}")
