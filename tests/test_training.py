@@ -1,5 +1,6 @@
 """Training engine: pipeline order, sharding rule, EMA, NaN guard, configs, CLI errors, Run."""
 import glob
+import json
 import importlib
 import os
 import stat
@@ -171,3 +172,30 @@ def test_missing_dataset_is_a_clear_error_without_leftovers(tmp_path, data_dir):
     with pytest.raises(DataError, match="mnist"):
         Trainer(c, str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_bf16_compute_keeps_float32_params(tmp_path, data_dir):
+    c = get_config("digits_ae")
+    c.compute_dtype = "bfloat16"
+    run = train(c, str(tmp_path / "bf16"))
+    leaves = jax.tree_util.tree_leaves(run.params)
+    assert all(x.dtype == jnp.float32 for x in leaves)
+    rows = [json.loads(line) for line in open(os.path.join(run.workdir, "metrics.jsonl"))]
+    assert all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_damaged_checkpoint_is_an_error_not_a_fresh_start(tiny_run, tmp_path):
+    import shutil
+
+    wd = str(tmp_path / "copy")
+    shutil.copytree(tiny_run.workdir, wd)
+    ckpt = os.path.join(wd, "checkpoints")
+    for step in os.listdir(ckpt):
+        state_dir = os.path.join(ckpt, step, "state")
+        if os.path.isdir(state_dir):
+            for root, _, files in os.walk(state_dir):
+                for f in files:
+                    if f != "_METADATA":
+                        os.remove(os.path.join(root, f))
+    with pytest.raises(CheckpointError, match="restoring step"):
+        jaxgen.load_run(wd)

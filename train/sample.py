@@ -4,6 +4,11 @@
 Generates N images from a generative run (uint8 NHWC): a PNG grid, or an .npz with
 ``images`` (and ``labels`` / ``prompts`` when given). For an autoencoder run, decodes N random
 codes drawn from the spread of the test set's codes.
+
+--workdir may also be a diffusers Stable Diffusion folder (it holds model_index.json): then
+jaxgen.StableDiffusionPipeline generates one image per prompt (--prompt is required; one prompt
+is repeated N times), with --steps (default 50), --guidance (default 7.5), --scheduler (a
+diffusers class name built from the folder's scheduler config) and --seed.
 """
 from __future__ import annotations
 
@@ -33,12 +38,15 @@ def main(argv):
     common.init_distributed()
     import jaxgen
     from jaxgen.errors import JaxgenError
-    from jaxgen.eval.images import make_grid, save_png
 
     F = flags.FLAGS
     if not F.out.endswith((".png", ".npz")):
         raise app.UsageError("--out must end in .png or .npz")
     try:
+        if os.path.isfile(os.path.join(F.workdir, "model_index.json")):
+            images, prompts = _pipeline_sample(F)
+            _save(F, images, None, prompts)
+            return
         run = jaxgen.load_run(F.workdir, step=F.step)
         labels = None
         if F.labels:
@@ -57,6 +65,30 @@ def main(argv):
     except JaxgenError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    _save(F, images, labels, prompts)
+
+
+def _pipeline_sample(F):
+    """Text-to-image with the diffusers folder F.workdir -> (uint8 [N, H, W, 3], N prompts)."""
+    import jaxgen
+
+    if not F.prompt:
+        raise app.UsageError("a Stable Diffusion folder generates from text: pass --prompt")
+    if F.labels:
+        raise app.UsageError("--labels are for class-conditional runs; a Stable Diffusion folder takes --prompt")
+    prompts = list(F.prompt) * F.num if len(F.prompt) == 1 else list(F.prompt)
+    if len(prompts) != F.num:
+        raise app.UsageError(f"{len(prompts)} prompts for --num={F.num}: pass one prompt, or --num of them")
+    pipe = jaxgen.StableDiffusionPipeline.from_pretrained(F.workdir)
+    images = pipe(prompts, num_inference_steps=50 if F.steps is None else F.steps,
+                  guidance_scale=7.5 if F.guidance is None else F.guidance, seed=F.seed,
+                  scheduler=F.scheduler)                               # float [N, H, W, 3] in [0, 1]
+    return np.round(images * 255).astype(np.uint8), prompts
+
+
+def _save(F, images, labels, prompts):
+    from jaxgen.eval.images import make_grid, save_png
+
     os.makedirs(os.path.dirname(os.path.abspath(F.out)), exist_ok=True)
     if F.out.endswith(".png"):
         save_png(F.out, make_grid(images, ncol=min(F.num, 8), upscale=4 if images.shape[1] < 16 else 1))

@@ -19,6 +19,9 @@ from jaxgen.convert.config import filter_config, module_fields, read_json, write
 from jaxgen.convert.safetensors_io import read_weights, write_weights
 from jaxgen.errors import ConfigError
 
+# Fields that say how jaxgen runs a model, not what the model is: never read from or written to
+# config.json (transformers writes "dtype" there to describe the stored weights).
+RUNTIME_FIELDS = ("attention_impl", "dtype", "param_dtype")
 DIFFUSERS_VERSION = "0.36.0"      # written into configs we save; diffusers reads any version
 TRANSFORMERS_VERSION = "4.57.0"
 
@@ -59,14 +62,25 @@ class Pretrained:
 
     # -- config -----------------------------------------------------------------------------
     @classmethod
-    def from_pt_config(cls, cfg: Mapping[str, Any]):
-        """The module described by a PyTorch-side config dict (tolerant, see jaxgen.convert.config)."""
-        return cls(**filter_config(cfg, module_fields(cls), owner=cls.__name__,
-                                   supported=cls.pt_supported, aliases=cls.pt_aliases))
+    def config_fields(cls) -> dict[str, Any]:
+        """The fields config.json carries: the dataclass fields less RUNTIME_FIELDS."""
+        return {k: v for k, v in module_fields(cls).items() if k not in RUNTIME_FIELDS}
+
+    @classmethod
+    def from_pt_config(cls, cfg: Mapping[str, Any], **runtime):
+        """The module described by a PyTorch-side config dict (tolerant, see jaxgen.convert.config);
+        ``runtime`` sets the RUNTIME_FIELDS the class has (attention_impl, dtype, param_dtype)."""
+        unknown = set(runtime) - set(RUNTIME_FIELDS)
+        if unknown:
+            raise TypeError(f"from_pt_config: unexpected arguments {sorted(unknown)}; runtime options are "
+                            f"{RUNTIME_FIELDS}.")
+        kwargs = filter_config(cfg, cls.config_fields(), owner=cls.__name__, supported=cls.pt_supported,
+                               aliases=cls.pt_aliases)
+        return cls(**kwargs, **runtime)
 
     def pt_config(self) -> dict[str, Any]:
         """The config.json dict PyTorch's class reads back."""
-        fields = {k: getattr(self, k) for k in module_fields(type(self))}
+        fields = {k: getattr(self, k) for k in self.config_fields()}
         name = self.pt_class_name()
         if self.pt_library == "transformers":
             return {"architectures": [name], **fields, "transformers_version": TRANSFORMERS_VERSION}
@@ -75,6 +89,17 @@ class Pretrained:
 
             return {"_class_name": name, "_jaxgen_version": __version__, **fields}
         return {"_class_name": name, "_diffusers_version": DIFFUSERS_VERSION, **fields}
+
+    def check_supported(self) -> None:
+        """A ConfigError naming the first field whose value ``pt_supported`` does not allow (for
+        modules built directly, not through from_pt_config)."""
+        defaults = module_fields(type(self))
+        for field, check in self.pt_supported.items():
+            value = getattr(self, field)
+            if value is None and defaults[field] is None:
+                continue
+            if not (check(value) if callable(check) else value in check):
+                raise ConfigError(f"{type(self).__name__}: {field}={value!r} is not implemented by jaxgen.")
 
     @classmethod
     def pt_class_name(cls) -> str:

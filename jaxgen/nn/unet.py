@@ -22,8 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxgen.convert.config import filter_config, module_fields
-from jaxgen.convert.pretrained import DIFFUSERS_VERSION, Pretrained
+from jaxgen.convert.pretrained import Pretrained
 from jaxgen.errors import ConfigError, DataError
 from jaxgen.nn.attention import IMPLEMENTATIONS
 from jaxgen.nn.layers import (ACTIVATIONS, Attention, Downsample2D, GaussianFourierProjection, ResnetBlock2D,
@@ -33,7 +32,6 @@ from jaxgen.nn.layers import (ACTIVATIONS, Attention, Downsample2D, GaussianFour
 Dtype = Any
 
 # Fields that describe how jaxgen runs a model, not the model: never read from / written to config.json.
-RUNTIME_FIELDS = ("attention_impl", "dtype", "param_dtype")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -276,36 +274,10 @@ class _DiffusersUNet(Pretrained):
     pt_library: ClassVar[str] = "diffusers"
     pt_weights_name: ClassVar[str] = "diffusion_pytorch_model"
 
-    @classmethod
-    def _config_fields(cls) -> dict:
-        return {k: v for k, v in module_fields(cls).items() if k not in RUNTIME_FIELDS}
-
-    @classmethod
-    def from_pt_config(cls, cfg: Mapping[str, Any], **runtime):
-        """The module for a diffusers config dict; ``runtime`` sets attention_impl / dtype / param_dtype."""
-        unknown = set(runtime) - set(RUNTIME_FIELDS)
-        if unknown:
-            raise TypeError(f"from_pt_config: unexpected arguments {sorted(unknown)}; runtime options are "
-                            f"{RUNTIME_FIELDS}.")
-        kwargs = filter_config(cfg, cls._config_fields(), owner=cls.__name__, supported=cls.pt_supported,
-                               aliases=cls.pt_aliases)
-        return cls(**kwargs, **runtime)
-
-    def pt_config(self) -> dict[str, Any]:
-        fields = {k: getattr(self, k) for k in self._config_fields()}
-        return {"_class_name": self.pt_class_name(), "_diffusers_version": DIFFUSERS_VERSION, **fields}
-
     def _check_common(self) -> None:
         """pt_supported values, matching block lists, a known attention_impl; else a ConfigError."""
         name = type(self).__name__
-        defaults = module_fields(type(self))
-        for field, check in self.pt_supported.items():
-            value = getattr(self, field)
-            if value is None and defaults[field] is None:
-                continue
-            ok = check(value) if callable(check) else value in check
-            if not ok:
-                raise ConfigError(f"{name}: {field}={value!r} is not implemented by jaxgen.")
+        self.check_supported()
         n = len(self.block_out_channels)
         if len(self.down_block_types) != n or len(self.up_block_types) != n:
             raise ConfigError(f"{name}: down_block_types ({len(self.down_block_types)}), up_block_types "
