@@ -1,0 +1,497 @@
+"""CLIP: contrastive image-text training of ``jaxgen.nn.clip.CLIPModel`` on a captioned dataset.
+
+Objective: CLIP's symmetric cross-entropy over the *global* batch — every image of the step's
+batch against every caption of it (``jaxgen.clip_utils.clip_loss``). The loss is one plain
+full-batch computation; under jit with the batch sharded over the mesh, XLA gathers what each
+device needs, so the value does not depend on the device count (nothing is computed per shard).
+The temperature is learned as CLIP's: ``logit_scale`` starts at log(1/0.07) and the scale used is
+exp(min(logit_scale, log(max_logit_scale))), max_logit_scale = 100 (the gradient is zero above).
+
+Tokenizer: ``attach(workdir, training=True)`` learns a CLIP-format byte-level BPE vocabulary on
+the training captions (``jaxgen.tokenizer.train_tokenizer``, deterministic, so every process
+trains the same one in memory); process 0 writes it to ``DIR/tokenizer``. ``load_run``
+(training=False) reads ``DIR/tokenizer``. The vocabulary is laid out as CLIP's, so its last two
+ids are the start and end tokens: ``model.text_config`` must say vocab_size = V,
+bos_token_id = V - 2, eos_token_id = pad_token_id = V - 1 for the V the captions support.
+
+Captions are tokenized on the host: ``batch_arrays`` gives ``input_ids`` int32 [N, 77] (the
+canonical caption) and, with ``data.augment_captions``, ``alt_input_ids`` int32 [N, T - 1, 77]
+(the dataset's other phrasings); each step picks one of the T phrasings per example from the
+step's key. The text tower is causal and pools at the first end token, so the positions after it
+cannot change the embedding: training reads only the first ``tokenizer.train_context`` positions
+(checked to hold every caption), and ``encode_text`` reads up to the longest text of each call.
+
+Images: uint8 NHWC at the dataset's resolution; inside, CLIP's pixel normalisation
+(``clip_pixel_values``: OpenAI CLIP's mean/std for RGB, mean = std = 0.5 for one channel).
+
+Evaluation (``python -m train.eval``): zero-shot classification of every attribute the dataset
+describes (shapes: shape, color, size, position and the whole combination; digits: the digit) on
+the held-out split and the test split: one class weight per caption class, averaged over the
+caption templates (prompt ensembling), and an attribute read from the classes' probabilities
+summed per value (``ClipTask.zero_shot``); image->text and text->image retrieval recall@1/5 on
+the test split; and a similarity-matrix PNG.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgen import clip_utils
+from jaxgen.errors import ConfigError, DataError
+from jaxgen.nn.clip import CLIP_MEAN, CLIP_STD, clip_pixel_values
+from jaxgen.training.tasks.base import Task
+
+CONTEXT_LENGTH = 77     # input_ids are [N, 77], CLIP's text context
+TOKENIZER_DIR = "tokenizer"
+TEXT_BUCKET = 8         # encode_text pads its context up to a multiple of this (fewer compilations)
+CHUNK = 256             # examples per jitted call when encoding
+
+
+# ------------------------------------------------------------------------------------------------
+# caption spaces: the structured description some datasets give of their captions
+# ------------------------------------------------------------------------------------------------
+class CaptionSpace:
+    """The classes of a dataset whose captions come from templates (shapes, digits).
+
+    num_classes: K, the number of distinct canonical captions (shapes: 180 attribute
+      combinations; digits: 10 digits).
+    num_templates: T, the phrasings of each class (template 0 is the canonical caption).
+    caption(k, t) -> str: phrasing t of class k.
+    attributes: name -> int [K], the value of each attribute per class (shapes: shape, color,
+      size, position; digits: digit), with value names in ``attribute_names[name]``.
+    classes_of(ds) -> int [N]: the class of every example of an ArrayDataset.
+    """
+
+    def __init__(self, name: str):
+        if name == "shapes":
+            from jaxgen.data import shapes
+
+            self.num_classes = shapes.NUM_COMBINATIONS
+            self.num_templates = len(shapes.CAPTION_TEMPLATES)
+            combo = shapes.combination_attributes(np.arange(self.num_classes))
+            self.attributes = {a: np.asarray(combo[a]) for a in shapes.ATTRIBUTES}
+            self.attribute_names = {a: shapes.ATTRIBUTE_NAMES[a] for a in shapes.ATTRIBUTES}
+            self._caption = lambda k, t: shapes.caption(*(int(combo[a][k]) for a in shapes.ATTRIBUTES),
+                                                        template=t)
+        elif name == "digits":
+            from jaxgen.data import digits
+
+            self.num_classes = digits.NUM_CLASSES
+            self.num_templates = len(digits.CAPTION_TEMPLATES)
+            self.attributes = {"digit": np.arange(self.num_classes)}
+            self.attribute_names = {"digit": digits.DIGIT_WORDS}
+            self._caption = lambda k, t: digits.caption(int(k), template=t)
+        else:
+            raise ConfigError(f"dataset {name!r} has no caption templates; CaptionSpace knows "
+                              "'shapes' and 'digits'.")
+
+    @staticmethod
+    def of(name: str) -> "CaptionSpace | None":
+        return CaptionSpace(name) if name in ("shapes", "digits") else None
+
+    def caption(self, k: int, t: int = 0) -> str:
+        return self._caption(k, t)
+
+    def classes_of(self, ds) -> np.ndarray:
+        if ds.labels is None:
+            raise DataError(f"{ds.name}/{ds.split} has no labels; its captions' classes are unknown.")
+        return ds.labels.astype(np.int64)   # shapes: the combination index; digits: the digit
+
+
+# ------------------------------------------------------------------------------------------------
+# the task
+# ------------------------------------------------------------------------------------------------
+class ClipTask(Task):
+    """Trains ``CLIPModel(input_ids, pixel_values)`` with CLIP's contrastive loss."""
+
+    name = "clip"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.text_cfg = dict(self.model.text_config)       # complete CLIPTextModel fields
+        self.vision_cfg = dict(self.model.vision_config)   # complete CLIPVisionModel fields
+        if self.text_cfg["max_position_embeddings"] != CONTEXT_LENGTH:
+            raise ConfigError(f"model.text_config.max_position_embeddings="
+                              f"{self.text_cfg['max_position_embeddings']}: CLIP runs tokenize to "
+                              f"{CONTEXT_LENGTH} positions; set it to {CONTEXT_LENGTH}.")
+        self.train_context = int(config.tokenizer.train_context)
+        if not 2 <= self.train_context <= CONTEXT_LENGTH:
+            raise ConfigError(f"tokenizer.train_context={self.train_context} must be in "
+                              f"[2, {CONTEXT_LENGTH}].")
+        self.max_logit_scale = float(config.objective.max_logit_scale)
+        if self.max_logit_scale <= 0:
+            raise ConfigError(f"objective.max_logit_scale={self.max_logit_scale} must be > 0 "
+                              "(CLIP uses 100).")
+        self.space = CaptionSpace.of(config.data.name)
+        if config.data.augment_captions and self.space is None:
+            raise ConfigError(f"data.augment_captions=True, but dataset {config.data.name!r} has no "
+                              "other caption phrasings; set data.augment_captions=False.")
+        channels = self.vision_cfg["num_channels"]
+        self.pixel_mean = CLIP_MEAN if channels == 3 else (0.5,) * channels
+        self.pixel_std = CLIP_STD if channels == 3 else (0.5,) * channels
+        self._tokenizer = None
+        self._workdir = None
+        self._data: dict[str, Any] = {}
+        self._jitted: dict[str, Any] = {}
+
+    # -- tokenizer ------------------------------------------------------------------------------
+    @property
+    def templates(self) -> tuple[int, ...]:
+        """The caption templates trained on (all with augmentation, else the canonical one)."""
+        if self.space is None:
+            return (0,)
+        return tuple(range(self.space.num_templates)) if self.config.data.augment_captions else (0,)
+
+    def training_captions(self) -> list[str]:
+        """The texts the tokenizer learns from: every training caption, in every phrasing trained on."""
+        ds = self.load_data(self.config.data.train_split)
+        if ds.captions is None:
+            raise DataError(f"{ds.name}/{ds.split} has no captions; CLIP needs captioned images.")
+        if len(self.templates) == 1:
+            return list(ds.captions)
+        classes = self.space.classes_of(ds)
+        phr = {k: [self.space.caption(k, t) for t in self.templates] for k in np.unique(classes)}
+        return [text for k in classes for text in phr[k]]
+
+    def make_tokenizer(self):
+        """Learn the run's vocabulary on the training captions (deterministic) and check that it
+        fits model.text_config. Returns a jaxgen.tokenizer.CLIPTokenizer."""
+        from jaxgen.tokenizer import train_tokenizer
+
+        vocab = self.text_cfg["vocab_size"]
+        tok = train_tokenizer(self.training_captions(), vocab,
+                              min_frequency=int(self.config.tokenizer.min_frequency))
+        self.check_tokenizer(tok)
+        return tok
+
+    def check_tokenizer(self, tok) -> None:
+        t = self.text_cfg
+        want = {"vocab_size": tok.vocab_size, "bos_token_id": tok.bos_token_id,
+                "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+        have = {k: t[k] for k in want}
+        if have != want:
+            n = tok.vocab_size
+            raise ConfigError(
+                f"the tokenizer learned on the training captions has {n} ids (start {tok.bos_token_id}, "
+                f"end/pad {tok.eos_token_id}), but model.text_config says "
+                f"{', '.join(f'{k}={v}' for k, v in have.items())}: set model.text_config.vocab_size={n}, "
+                f"bos_token_id={n - 2}, eos_token_id={n - 1}, pad_token_id={n - 1}. These captions "
+                f"support at most {n} ids; a smaller vocab_size V also works, with start and end ids "
+                f"V - 2 and V - 1 (CLIP's layout puts them last).")
+
+    def attach(self, workdir: str, training: bool) -> None:
+        """Train (training=True, every process; process 0 writes DIR/tokenizer) or read
+        (training=False) the run's tokenizer. A resumed run's saved tokenizer must equal the
+        one learned again from the captions."""
+        from jaxgen.tokenizer import load_tokenizer
+
+        folder = os.path.join(workdir, TOKENIZER_DIR)
+        self._workdir = os.path.abspath(workdir)
+        if not training:
+            if not os.path.isdir(folder):
+                raise ConfigError(f"{folder} is missing: a CLIP run keeps the tokenizer it trained with "
+                                  "there. Copy the run directory whole, or train the run again.")
+            tok = load_tokenizer(folder)
+            self.check_tokenizer(tok)
+            self._tokenizer = tok
+            return
+        tok = self.make_tokenizer()
+        if os.path.isdir(folder):
+            saved = load_tokenizer(folder)
+            if saved.vocab != tok.vocab or saved.merges != tok.merges:
+                raise ConfigError(f"{folder} holds a tokenizer that differs from the one learned on "
+                                  "this config's training captions (did the data change?). Resume with "
+                                  "the same data, or train in a new --workdir.")
+        elif jax.process_index() == 0:
+            os.makedirs(workdir, exist_ok=True)
+            tmp = tempfile.mkdtemp(prefix=".tokenizer-", dir=workdir)
+            tok.save(tmp)
+            os.replace(tmp, folder)   # atomic: readers never see a half-written folder
+        self._tokenizer = tok
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            raise ConfigError("this CLIP task has no tokenizer yet: use jaxgen.load_run(DIR), or call "
+                              "task.attach(workdir, training) first.")
+        return self._tokenizer
+
+    def tokenizer_for(self, workdir: str):
+        """The tokenizer of the run in ``workdir`` (the attached one, or DIR/tokenizer)."""
+        if self._tokenizer is not None and self._workdir == os.path.abspath(workdir):
+            return self._tokenizer
+        from jaxgen.tokenizer import load_tokenizer
+
+        return load_tokenizer(os.path.join(workdir, TOKENIZER_DIR))
+
+    # -- data -----------------------------------------------------------------------------------
+    def load_data(self, split: str):
+        """The ArrayDataset of ``split``, read once per task."""
+        if split not in self._data:
+            self._data[split] = super().load_data(split)
+        return self._data[split]
+
+    def batch_arrays(self, ds) -> dict[str, np.ndarray]:
+        """{"image": uint8 [N, H, W, C], "input_ids": int32 [N, 77] (canonical captions), and with
+        data.augment_captions "alt_input_ids": int32 [N, T - 1, 77] (the other phrasings)}."""
+        if ds.captions is None:
+            raise DataError(f"{ds.name}/{ds.split} has no captions; CLIP needs captioned images.")
+        images = self.check_images(ds.images)
+        tok = self.tokenizer
+        arrays = {"image": images, "input_ids": tok(ds.captions)}
+        if len(self.templates) > 1:
+            classes = self.space.classes_of(ds)
+            uniq, inverse = np.unique(classes, return_inverse=True)
+            alt_text = [self.space.caption(k, t) for k in uniq for t in self.templates[1:]]
+            alt = tok(alt_text).reshape(len(uniq), len(self.templates) - 1, CONTEXT_LENGTH)
+            arrays["alt_input_ids"] = alt[inverse]                       # [N, T - 1, 77]
+        ends = _text_lengths(np.concatenate([arrays["input_ids"],
+                                             arrays.get("alt_input_ids", arrays["input_ids"][:0, None])
+                                             .reshape(-1, CONTEXT_LENGTH)]), tok.eos_token_id)
+        if ends.max() > self.train_context:
+            raise ConfigError(f"a training caption takes {ends.max()} tokens (start and end included) but "
+                              f"tokenizer.train_context={self.train_context}: set it to at least "
+                              f"{ends.max()} (at most {CONTEXT_LENGTH}).")
+        return arrays
+
+    def check_images(self, images: np.ndarray) -> np.ndarray:
+        """uint8 [N, S, S, C] (S = vision image_size, C = num_channels), or a DataError."""
+        images = np.asarray(images)
+        s, c = self.vision_cfg["image_size"], self.vision_cfg["num_channels"]
+        if images.ndim == 3 and c == 1 and images.shape[1:] == (s, s):
+            images = images[..., None]   # [N, S, S] grey -> [N, S, S, 1]
+        if images.ndim != 4 or tuple(images.shape[1:]) != (s, s, c):
+            raise DataError(f"images have shape {images.shape}; this run takes uint8 [N, {s}, {s}, {c}] "
+                            "(NHWC at the dataset's resolution).")
+        if images.dtype != np.uint8:
+            raise DataError(f"images have dtype {images.dtype}; pass uint8 in [0, 255] "
+                            "(e.g. np.round(x * 255).astype(np.uint8) for floats in [0, 1]).")
+        return images
+
+    def example_batch(self) -> dict:
+        s, c = self.vision_cfg["image_size"], self.vision_cfg["num_channels"]
+        return {"image": np.zeros((1, s, s, c), np.uint8),
+                "input_ids": np.zeros((1, CONTEXT_LENGTH), np.int32)}
+
+    def pixel_values(self, images: jax.Array) -> jax.Array:
+        """uint8 [B, S, S, C] -> float32 [B, S, S, C], CLIP-normalised."""
+        return clip_pixel_values(images, mean=self.pixel_mean, std=self.pixel_std)
+
+    # -- model ----------------------------------------------------------------------------------
+    def init_params(self, key: jax.Array, batch: dict) -> Any:
+        ids = jnp.asarray(batch["input_ids"][:1, :self.train_context])
+        return self.model.init(key, ids, self.pixel_values(jnp.asarray(batch["image"][:1])))["params"]
+
+    def clamped_logit_scale(self, params) -> jax.Array:
+        """min(logit_scale, log(max_logit_scale)), float32 scalar (the log inverse temperature used)."""
+        return jnp.minimum(params["logit_scale"].astype(jnp.float32), math.log(self.max_logit_scale))
+
+    def pick_captions(self, batch: dict, key: jax.Array) -> jax.Array:
+        """The step's caption of each example, int32 [B, 77]: with alt_input_ids, phrasing
+        u ~ Uniform{0..T-1} per example (drawn for the global batch), 0 = canonical."""
+        ids = batch["input_ids"]
+        if "alt_input_ids" not in batch:
+            return ids
+        every = jnp.concatenate([ids[:, None], batch["alt_input_ids"]], axis=1)   # [B, T, 77]
+        pick = jax.random.randint(key, (ids.shape[0],), 0, every.shape[1])       # [B]
+        return jnp.take_along_axis(every, pick[:, None, None], axis=1)[:, 0]      # [B, 77]
+
+    def loss_fn(self, params, batch, key):
+        """CLIP loss over the whole (global) batch: batch["image"] uint8 [B, S, S, C],
+        batch["input_ids"] int32 [B, 77] (+ "alt_input_ids" [B, T - 1, 77]). Returns
+        (loss float32 scalar, {"logit_scale_exp": exp(clamped logit_scale), the inverse temperature
+        in [0, max_logit_scale]; "i2t_top1": fraction of images whose most similar caption in the
+        batch is theirs (or the same text), in [0, 1]})."""
+        ids = self.pick_captions(batch, jax.random.fold_in(key, 0))[:, :self.train_context]
+        dtype = jax.tree_util.tree_leaves(params)[0].dtype
+        out = self.model.apply({"params": params}, ids, self.pixel_values(batch["image"]).astype(dtype))
+        scale = self.clamped_logit_scale(params)
+        loss = clip_utils.clip_loss(out.image_embeds, out.text_embeds, scale)
+        # in-batch accuracy: the own caption (or an identical one) scores highest
+        sim = out.image_embeds @ out.text_embeds.T                                   # [B, B]
+        same = jnp.all(ids[:, None, :] == ids[None, :, :], axis=-1)                  # [B, B]
+        best = jnp.argmax(sim, axis=1)
+        top1 = jnp.mean(jnp.take_along_axis(same, best[:, None], axis=1))
+        return loss, {"logit_scale_exp": jnp.exp(scale), "i2t_top1": top1}
+
+    # -- Run abilities --------------------------------------------------------------------------
+    def _fn(self, name: str):
+        if name not in self._jitted:
+            if name == "text":
+                fn = lambda p, ids: clip_utils.l2_normalize(
+                    self.model.apply({"params": p}, ids, method="get_text_features"))
+            else:
+                fn = lambda p, x: clip_utils.l2_normalize(
+                    self.model.apply({"params": p}, self.pixel_values(x), method="get_image_features"))
+            self._jitted[name] = jax.jit(fn)
+        return self._jitted[name]
+
+    def encode_text(self, params, texts: str | Sequence[str]) -> np.ndarray:
+        """texts: a str or a list of N str -> float32 [N, P], L2-normalised text embeddings."""
+        ids = self.tokenizer([texts] if isinstance(texts, str) else list(texts))     # [N, 77]
+        if len(ids) == 0:
+            return np.zeros((0, self.model.projection_dim), np.float32)
+        # causal tower, pooled at the first end token: later positions cannot change the result
+        length = int(_text_lengths(ids, self.tokenizer.eos_token_id).max())
+        length = min(CONTEXT_LENGTH, -(-length // TEXT_BUCKET) * TEXT_BUCKET)
+        return _chunked(self._fn("text"), params, ids[:, :length])
+
+    def encode_image(self, params, images) -> np.ndarray:
+        """images: uint8 [N, S, S, C] -> float32 [N, P], L2-normalised image embeddings."""
+        images = self.check_images(images)
+        if len(images) == 0:
+            return np.zeros((0, self.model.projection_dim), np.float32)
+        return _chunked(self._fn("image"), params, images)
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def class_embeddings(self, run) -> np.ndarray:
+        """Text embeddings of every caption class in every template trained on: float32
+        [K, T, P] (template index 0 is the canonical caption)."""
+        k, t = self.space.num_classes, self.templates
+        texts = [self.space.caption(c, j) for c in range(k) for j in t]
+        return run.encode_text(texts).reshape(k, len(t), -1)
+
+    def zero_shot(self, image_embeds: np.ndarray, classes: np.ndarray, class_embeds: np.ndarray,
+                  logit_scale) -> dict[str, float]:
+        """Zero-shot accuracy of every attribute, with prompt ensembles.
+
+        image_embeds: float32 [N, P]; classes: int [N], each image's true class (attribute
+        combination); class_embeds: float32 [K, T, P] from ``class_embeddings``; logit_scale: the
+        log inverse temperature. Each class weight averages its T normalised template embeddings
+        (CLIP's prompt ensembling); p(k | image) = softmax over the K classes of
+        exp(logit_scale) * cosine. An attribute's value is predicted by its marginal probability,
+        p(a = v | image) = sum of p(k | image) over the classes k with a = v (every phrasing of
+        every value of the other attributes), and "combination" is argmax_k p(k | image): right
+        only when every attribute is. Returns {attribute: accuracy in [0, 1]}.
+        """
+        probs = np.asarray(_class_probs(image_embeds, class_embeds, logit_scale), np.float64)  # [N, K]
+        out = {}
+        for attr, value_of in self.space.attributes.items():
+            values = len(self.space.attribute_names[attr])
+            marginal = probs @ (value_of[:, None] == np.arange(values)[None, :])    # [N, V]
+            out[attr] = float(np.mean(np.argmax(marginal, axis=1) == value_of[classes]))
+        if len(self.space.attributes) > 1:
+            out["combination"] = float(np.mean(np.argmax(probs, axis=1) == classes))
+        return out
+
+    def caption_targets(self, run, ds, class_embeds: np.ndarray | None = None
+                        ) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """The distinct captions of ``ds``, their embeddings and each image's caption.
+
+        A split repeats captions (shapes test: 162 captions x 10 images). Returns (texts, list of
+        U str; text_embeds float32 [U, P]; target int [N], the index of each image's caption).
+        With class_embeds (structured datasets) the canonical captions' embeddings are taken
+        from it instead of being computed again.
+        """
+        texts = sorted(set(ds.captions))
+        index = {t: j for j, t in enumerate(texts)}
+        target = np.asarray([index[c] for c in ds.captions])
+        if class_embeds is None:
+            return texts, run.encode_text(texts), target
+        canonical = {self.space.caption(k, 0): k for k in range(self.space.num_classes)}
+        unknown = [t for t in texts if t not in canonical]
+        if unknown:
+            raise DataError(f"{ds.name}/{ds.split}: caption {unknown[0]!r} is not a canonical caption "
+                            "of the dataset's templates; the dataset and jaxgen.data disagree.")
+        return texts, class_embeds[[canonical[t] for t in texts], 0], target
+
+    def evaluate(self, run, out_dir: str) -> dict:
+        """Zero-shot accuracies (held-out and test splits), image<->text retrieval recall@1/5 on the
+        test split against its distinct captions (an image's relevant text is its caption, a
+        caption's relevant images are all images with it), and similarity_matrix.png in out_dir."""
+        cfg = self.config.data
+        scale = self.clamped_logit_scale(run.params)
+        out: dict[str, Any] = {"logit_scale_exp": float(np.exp(scale)),
+                               "prompt_templates": len(self.templates)}
+        splits = [s for s in (cfg.get("heldout_split", ""), cfg.eval_split) if s]
+        data = {s: self.load_data(s) for s in splits}
+        images = {s: run.encode_image(ds.images) for s, ds in data.items()}         # [N, P] each
+        class_embeds = self.class_embeddings(run) if self.space is not None else None
+        if class_embeds is not None:
+            for s, ds in data.items():
+                accs = self.zero_shot(images[s], self.space.classes_of(ds), class_embeds, scale)
+                out.update({f"{s}_zero_shot_{attr}": acc for attr, acc in accs.items()})
+        texts, text_embeds, target = self.caption_targets(run, data[cfg.eval_split], class_embeds)
+        sim = images[cfg.eval_split] @ text_embeds.T                                 # [N, U]
+        relevant = target[None, :] == np.arange(len(texts))[:, None]                 # [U, N]
+        i2t, t2i = _recall(sim, target), _recall(sim.T, relevant)
+        out.update({f"{cfg.eval_split}_image_to_text_R@{k}": float(v) for k, v in i2t.items()})
+        out.update({f"{cfg.eval_split}_text_to_image_R@{k}": float(v) for k, v in t2i.items()})
+        shown = splits[0]
+        texts, text_embeds, _ = self.caption_targets(run, data[shown], class_embeds)
+        similarity_png(os.path.join(out_dir, "similarity_matrix.png"), data[shown],
+                       images[shown] @ text_embeds.T, texts,
+                       title=f"{cfg.name}/{shown}: cosine similarity, one image per caption")
+        return out
+
+
+@jax.jit
+def _class_probs(image_embeds, class_embeds, logit_scale):
+    """p(class | image): float32 [N, K] from image_embeds [N, P] and class_embeds [K, T, P]."""
+    classifier = clip_utils.zero_shot_classifier(class_embeds)                       # [K, P]
+    return jax.nn.softmax(clip_utils.zero_shot_logits(image_embeds, classifier, logit_scale), axis=-1)
+
+
+@jax.jit
+def _recall(similarity, relevant):
+    """clip_utils.recall_at_k at k = 1 and 5, compiled as one program: {k: float32 scalar}."""
+    return clip_utils.recall_at_k(similarity, relevant, (1, 5))
+
+
+def _chunked(fn, params, x: np.ndarray) -> np.ndarray:
+    """fn(params, x[i:i + CHUNK]) over x [N, ...], concatenated on the host: float32 [N, P].
+    Each chunk is padded (repeating its last row) to a power of two, so calls of any size reuse
+    a few compiled shapes."""
+    out = []
+    for i in range(0, len(x), CHUNK):
+        part = x[i:i + CHUNK]
+        size = min(CHUNK, 1 << (len(part) - 1).bit_length())
+        padded = np.concatenate([part, np.repeat(part[-1:], size - len(part), axis=0)])
+        out.append(np.asarray(fn(params, padded))[:len(part)])
+    return np.concatenate(out)
+
+
+def _text_lengths(ids: np.ndarray, eos_id: int) -> np.ndarray:
+    """Positions used by each row of int [N, L] ids up to and including its first end token: int [N]."""
+    if len(ids) == 0:
+        return np.zeros((0,), np.int64)
+    return np.argmax(ids == eos_id, axis=1) + 1
+
+
+def similarity_png(path: str, ds, sim: np.ndarray, texts: list[str], title: str = "",
+                   max_items: int = 18) -> str:
+    """Heat map of image-caption cosine similarity for up to ``max_items`` distinct captions: one
+    image per caption (its first example) as rows, with the image drawn left of its row, the
+    captions as columns. sim: float [N_images, N_captions] over ``ds`` and ``texts``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = min(max_items, len(texts))
+    rows = [ds.captions.index(texts[j]) for j in range(n)]      # the first image of each caption
+    block = sim[np.asarray(rows)][:, :n]                          # [n, n]
+    fig, ax = plt.subplots(figsize=(2 + 0.55 * n, 2.5 + 0.45 * n))
+    im = ax.imshow(block, cmap="viridis", extent=(0, n, n, 0))
+    grey = ds.images.shape[-1] == 1
+    for r, i in enumerate(rows):
+        ax.imshow(ds.images[i][..., 0] if grey else ds.images[i], cmap="gray" if grey else None,
+                  extent=(-1.05, -0.05, r + 0.95, r + 0.05), interpolation="nearest")
+    ax.set_xlim(-1.1, n)
+    ax.set_ylim(n, 0)
+    ax.set_xticks(np.arange(n) + 0.5)
+    ax.set_xticklabels(texts[:n], rotation=70, ha="right", fontsize=7)
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
