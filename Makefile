@@ -33,7 +33,7 @@ demo: $(VENV)/.installed
 	@echo "  runs/digits_vae/eval/{samples,interpolations,reconstructions}.png"
 
 test: $(VENV)/.installed-test
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n 2 --dist loadfile tests
 
 bench: $(VENV)/.installed-test
 	for b in bench/bench_*.py; do $(PY) $$b || exit 1; done
