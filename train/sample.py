@@ -75,7 +75,8 @@ def _pipeline_sample(F):
     if not F.prompt:
         raise app.UsageError("a Stable Diffusion folder generates from text: pass --prompt")
     if F.labels:
-        raise app.UsageError("--labels are for class-conditional runs; a Stable Diffusion folder takes --prompt")
+        raise app.UsageError("--labels are for class-conditional runs; a Stable Diffusion folder "
+                             "takes --prompt")
     prompts = list(F.prompt) * F.num if len(F.prompt) == 1 else list(F.prompt)
     if len(prompts) != F.num:
         raise app.UsageError(f"{len(prompts)} prompts for --num={F.num}: pass one prompt, or --num of them")

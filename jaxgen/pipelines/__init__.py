@@ -1,0 +1,18 @@
+"""Pipelines: whole sampling runs (text encoder, denoising loop, VAE) compiled as one program.
+
+    pipe = jaxgen.StableDiffusionPipeline.from_pretrained(folder)   # diffusers layout
+    images = pipe(prompt, negative_prompt=None, num_inference_steps=50, guidance_scale=7.5,
+                  height=None, width=None, seed=0, latents=None, scheduler=None)
+    images = pipe.img2img(prompt, image, strength=0.8)          # image-to-image
+    images = pipe.inpaint(prompt, image, mask_image)            # inpainting
+    # float32 numpy [B, H, W, 3] in [0, 1]
+
+StableDiffusionImg2ImgPipeline / StableDiffusionInpaintPipeline are the same object with
+``__call__`` bound to img2img / inpaint (diffusers' class names). See docs/PIPELINES.md.
+"""
+from jaxgen.pipelines.stable_diffusion import (StableDiffusionImg2ImgPipeline,
+                                               StableDiffusionInpaintPipeline,
+                                               StableDiffusionPipeline, rescale_guidance)
+
+__all__ = ["StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline",
+           "StableDiffusionInpaintPipeline", "rescale_guidance"]
