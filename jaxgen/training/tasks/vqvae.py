@@ -1,0 +1,404 @@
+"""VQ-VAE with a prior over its codes: two stages in one run directory.
+
+Stage "vqvae" (``VQVAEStage``) trains ``jaxgen.nn.prior:ConvVQVAE`` on images in [-1, 1]:
+    loss = mse(reconstruction, x) + codebook loss + beta * commitment loss
+           + vq.dead_code_weight * dead_code_loss
+with straight-through gradients through the quantizer (jaxgen.nn.vq.quantize). The codebook is
+gradient-trained. Dead-code revival (jaxgen.nn.prior.dead_code_loss): code k, whenever no
+latent of the batch picks it, is pulled towards the current encoding of a fixed training
+position k (K positions of ceil(K / (h*w)) training images drawn with config.seed): the
+stateless form of restarting dead codes at random encoder outputs. (The engine's train step
+carries parameters and optimizer state only, no EMA-codebook statistics or per-code counters, so
+neither the EMA codebook nor counter-based restarts fit it.)
+
+Stage "prior" (``PriorStage``) encodes the training images once with the frozen (final, EMA when
+kept) VQ-VAE into code sequences [N, h*w] (raster order) and trains ``jaxgen.nn.prior:CodePrior``
+(class token first, then the codes) by next-token cross-entropy.
+
+The run (``VQVAETask``, params = {"vqvae": ..., "prior": ...}):
+    run.encode(images uint8 [N, H, W, C]) -> code indices int32 [N, h, w]
+    run.decode(indices int [N, h, w]) -> uint8 [N, H, W, C]
+    run.reconstruct(images) -> uint8 images (decode(encode(images)))
+    run.sample(num, seed=0, labels=None) -> uint8 [num, H, W, C]: ancestral sampling of the codes
+        with config.sampling.temperature (one jitted lax.fori_loop over positions), decoded by the
+        VQ-VAE decoder; labels default to 0, 1, ..., 9, 0, 1, ...
+``python -m train.eval``: reconstruction error, codebook usage and perplexity (train and test
+codes), the prior's bits per code on train and test codes, and the accuracy of class-conditional
+samples under an independent classifier (jaxgen.eval.classifier.PixelClassifier, an SVC on the
+real training digits), per sampling temperature; PNGs of per-class samples and reconstructions.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgen import losses
+from jaxgen.data.pipeline import images_to_float, images_to_uint8
+from jaxgen.errors import ConfigError, DataError
+from jaxgen.eval.images import make_grid, save_png
+from jaxgen.nn.prior import code_nll, dead_code_loss, sample_codes
+from jaxgen.training.tasks.base import Task, build_module
+
+EVAL_SEED = 0
+REFERENCE_STREAM = 17  # the RNG stream [seed, 17] that picks the dead codes' reference images
+CHUNK = 512  # images per jitted call in encode/decode/reconstruct
+
+
+def _upscale(image_size: int) -> int:
+    return 4 if image_size < 16 else 1
+
+
+def _vq_fn(model, name: str):
+    """A jitted ``fn(params, x)`` for one ConvVQVAE method (compiled once per batch shape)."""
+    methods = {
+        "encode": lambda m, x: m.quantize(m.encode(x)).indices,          # [B, H, W, C] -> int32 [B, h, w]
+        "decode": lambda m, idx: m.decode_indices(idx),                  # int [B, h, w] -> [B, H, W, C]
+        "reconstruct": lambda m, x: m(x).reconstruction,                 # [B, H, W, C] -> [B, H, W, C]
+    }
+    method = methods[name]
+    return jax.jit(lambda p, x: model.apply({"params": p}, x, method=method))
+
+
+def _chunked(fn, params, x: np.ndarray) -> np.ndarray:
+    """fn over x [N, ...] in chunks of CHUNK rows; each chunk is zero-padded to a power of two (at
+    most CHUNK), so a few batch shapes compile, not one per N."""
+    out = []
+    for i in range(0, len(x), CHUNK):
+        part = x[i:i + CHUNK]
+        size = min(CHUNK, 1 << max(len(part) - 1, 0).bit_length())
+        padded = np.concatenate([part, np.zeros((size - len(part), *part.shape[1:]), part.dtype)])
+        out.append(np.asarray(fn(params, padded))[:len(part)])
+    return np.concatenate(out)
+
+
+class VQVAEStage(Task):
+    """Stage 1: the ConvVQVAE autoencoder (see the module docstring for the loss)."""
+
+    name = "vqvae"
+
+    def __init__(self, config):
+        super().__init__(config)
+        for field in ("num_codes", "code_dim", "grid_size"):
+            if not hasattr(self.model, field):
+                raise ConfigError(f"model_class={config.model_class!r} is not a VQ-VAE with {field}; the "
+                                  "vqvae task trains jaxgen.nn.prior:ConvVQVAE.")
+        self.dead_code_weight = float(config.vq.dead_code_weight)
+        if self.dead_code_weight < 0:
+            raise ConfigError(f"vq.dead_code_weight={self.dead_code_weight} must be >= 0 (0 turns the "
+                              "pull on unused codes off).")
+        self._fns: dict = {}
+        self._reference: np.ndarray | None = None
+
+    @property
+    def reference_images(self) -> np.ndarray:
+        """uint8 [R, H, W, C]: the fixed training images whose encodings are the dead codes'
+        targets, R = ceil(num_codes / grid_size**2), drawn without replacement with config.seed."""
+        if self._reference is None:
+            images = self.load_data(self.config.data.train_split).images
+            per_image = int(self.model.grid_size) ** 2
+            count = -(-int(self.model.num_codes) // per_image)
+            if count > len(images):
+                raise ConfigError(f"num_codes={self.model.num_codes} needs {count} reference images for "
+                                  f"dead-code revival; the training split has {len(images)}. Set "
+                                  "vq.dead_code_weight=0 or use fewer codes.")
+            pick = np.random.default_rng([int(self.config.seed), REFERENCE_STREAM]).choice(len(images), count, replace=False)
+            self._reference = images[np.sort(pick)]
+        return self._reference
+
+    def loss_fn(self, params, batch, key):
+        x = images_to_float(batch["image"])  # uint8 [B, H, W, C] -> [-1, 1]
+        dtype = jax.tree_util.tree_leaves(params)[0].dtype
+        out = self.model.apply({"params": params}, x.astype(dtype))
+        q = out.quantized
+        mse = losses.mse(out.reconstruction, x)
+        loss = mse + q.loss
+        if self.dead_code_weight > 0:
+            k = int(self.model.num_codes)
+            codebook = self.model.apply({"params": params}, method=lambda m: m.codebook())
+            ref = images_to_float(jnp.asarray(self.reference_images)).astype(dtype)
+            targets = self.model.apply({"params": params}, ref, method=lambda m, r: m.encode(r))
+            targets = targets.reshape(-1, targets.shape[-1])[:k]  # [R, h, w, D] -> [K, D]
+            dead = dead_code_loss(codebook, q.indices, targets)
+            loss = loss + self.dead_code_weight * dead
+        else:
+            dead = jnp.zeros((), jnp.float32)
+        return loss, {"mse": mse, "codebook_loss": q.codebook_loss, "commitment_loss": q.commitment_loss,
+                      "dead_code_loss": dead, "codebook_usage": q.usage, "perplexity": q.perplexity}
+
+    def fn(self, name: str):
+        if name not in self._fns:
+            self._fns[name] = _vq_fn(self.model, name)
+        return self._fns[name]
+
+    def preview(self, params, batch):
+        images = np.asarray(jax.device_get(batch["image"]))[:16]
+        recon = images_to_uint8(self.fn("reconstruct")(params, images_to_float(images)))
+        return make_grid(np.concatenate([images, recon]), ncol=len(images), upscale=_upscale(images.shape[1]))
+
+
+class PriorStage(Task):
+    """Stage 2: CodePrior on the code sequences of the frozen VQ-VAE (next-token cross-entropy).
+
+    vqvae: the VQVAEStage whose model encodes; vqvae_params: its final parameters.
+    Batches: {"codes": int32 [B, L], "label": int32 [B]}.
+    """
+
+    name = "vqvae:prior"
+
+    def __init__(self, config, vqvae: VQVAEStage, vqvae_params):
+        super().__init__(config)
+        self.vqvae, self.vqvae_params = vqvae, vqvae_params
+        self.seq_len = int(self.model.seq_len)
+        self.num_classes = int(self.model.num_classes)
+
+    def batch_arrays(self, ds):
+        """Encode the split once: {"codes": int32 [N, L] (raster order), "label": int32 [N]}."""
+        if self.num_classes and ds.labels is None:
+            raise DataError(f"the prior is class-conditional (num_classes={self.num_classes}) but "
+                            f"{self.config.data.name!r} has no labels; set stages.prior.model.num_classes=0.")
+        codes = _chunked(self.vqvae.fn("encode"), self.vqvae_params, images_to_float(ds.images))
+        arrays = {"codes": codes.reshape(len(codes), -1).astype(np.int32)}  # [N, h, w] -> [N, L]
+        arrays["label"] = (ds.labels if ds.labels is not None else np.zeros(len(codes))).astype(np.int32)
+        return arrays
+
+    def example_batch(self):
+        return {"codes": np.zeros((1, self.seq_len), np.int32), "label": np.zeros((1,), np.int32)}
+
+    def _labels(self, batch):
+        return batch["label"] if self.num_classes else None
+
+    def init_params(self, key, batch):
+        return self.model.init(key, self._labels(batch), jnp.asarray(batch["codes"]))["params"]
+
+    def preview(self, params, batch):
+        """Two samples per class (config.sampling.temperature), decoded: a uint8 grid, one column per class."""
+        n = 2 * max(self.num_classes, 1)
+        labels = jnp.arange(n, dtype=jnp.int32) % self.num_classes if self.num_classes else None
+        fn = self.__dict__.setdefault("_preview_fn", jax.jit(
+            lambda p, y: sample_codes(self.model, p, jax.random.key(0), y, n, self.config.sampling.temperature)))
+        grid = int(self.vqvae.model.grid_size)
+        codes = np.asarray(fn(params, labels)).reshape(n, grid, grid)  # raster order -> [n, h, w]
+        images = images_to_uint8(self.vqvae.fn("decode")(self.vqvae_params, codes))
+        return make_grid(images, ncol=max(self.num_classes, 8), upscale=_upscale(images.shape[1]))
+
+    def loss_fn(self, params, batch, key):
+        codes = batch["codes"]
+        logits = self.model.apply({"params": params}, self._labels(batch), codes, deterministic=False,
+                                  rngs={"dropout": key})
+        nll = code_nll(logits, codes)
+        acc = jnp.mean((jnp.argmax(logits, -1) == codes).astype(jnp.float32))
+        return nll, {"nll": nll, "bits_per_code": nll / jnp.log(2.0), "next_code_accuracy": acc}
+
+
+class VQVAETask(Task):
+    """The whole run: stages ("vqvae", "prior"), and the Run's abilities on {stage: params}."""
+
+    name = "vqvae"
+    stages = ("vqvae", "prior")
+
+    def __init__(self, config):
+        super().__init__(config)  # self.model: the VQ-VAE
+        if "stages" not in config or any(s not in config.stages for s in self.stages):
+            raise ConfigError("the vqvae task trains two stages: the config needs stages.vqvae and "
+                              "stages.prior (see configs/digits_vqvae.py).")
+        p = config.stages.prior
+        if "model_class" not in p or "model" not in p:
+            raise ConfigError("stages.prior needs model_class and model (the CodePrior to train).")
+        self.prior = build_module(p.model_class, p.model.to_dict())
+        grid = int(self.model.grid_size)
+        if int(self.prior.num_codes) != int(self.model.num_codes):
+            raise ConfigError(f"stages.prior.model.num_codes={self.prior.num_codes} differs from the "
+                              f"VQ-VAE's model.num_codes={self.model.num_codes}: set them equal.")
+        if int(self.prior.seq_len) != grid * grid:
+            raise ConfigError(f"stages.prior.model.seq_len={self.prior.seq_len} but the VQ-VAE makes a "
+                              f"{grid}x{grid} grid: set seq_len={grid * grid}.")
+        self.num_classes = int(self.prior.num_classes)
+        self.grid = grid
+        self._vq: VQVAEStage | None = None
+        self._samplers: dict = {}
+
+    def stage_task(self, stage, frozen, config):
+        if stage == "vqvae":
+            return VQVAEStage(config)
+        if stage == "prior":
+            if "vqvae" not in frozen:
+                raise ConfigError("the prior stage needs the trained VQ-VAE: train stage 'vqvae' first.")
+            return PriorStage(config, self._vqvae(), frozen["vqvae"])
+        raise ConfigError(f"the vqvae task has stages {self.stages}, not {stage!r}.")
+
+    def _vqvae(self) -> VQVAEStage:
+        if self._vq is None:
+            from jaxgen.training.trainer import stage_config
+
+            self._vq = VQVAEStage(stage_config(self.config, "vqvae"))
+        return self._vq
+
+    @staticmethod
+    def _split(params):
+        if not isinstance(params, dict) or set(params) != {"vqvae", "prior"}:
+            raise DataError("a vqvae run's methods take run.params, the dict {'vqvae': ..., 'prior': ...} "
+                            "that load_run returns.")
+        return params["vqvae"], params["prior"]
+
+    # -- Run abilities (uint8 NHWC at the dataset's resolution in and out) ------------------
+    def encode(self, params, images):
+        """uint8 [N, H, W, C] -> code indices int32 [N, h, w] in [0, num_codes)."""
+        vq, _ = self._split(params)
+        return _chunked(self._vqvae().fn("encode"), vq, images_to_float(self.check_images(images)))
+
+    def decode(self, params, codes):
+        """Code indices int [N, h, w] in [0, num_codes) -> uint8 [N, H, W, C]."""
+        vq, _ = self._split(params)
+        codes = np.asarray(codes)
+        k = int(self.model.num_codes)
+        if codes.ndim != 3 or codes.shape[1:] != (self.grid, self.grid) or not np.issubdtype(codes.dtype, np.integer):
+            raise DataError(f"codes have shape {codes.shape} and dtype {codes.dtype}; decode takes int "
+                            f"[N, {self.grid}, {self.grid}] code indices (what run.encode returns).")
+        if codes.size and (codes.min() < 0 or codes.max() >= k):
+            raise DataError(f"code indices must lie in [0, {k - 1}]; got [{codes.min()}, {codes.max()}].")
+        return images_to_uint8(_chunked(self._vqvae().fn("decode"), vq, codes.astype(np.int32)))
+
+    def reconstruct(self, params, images):
+        """uint8 [N, H, W, C] -> uint8 [N, H, W, C] through the quantized codes."""
+        vq, _ = self._split(params)
+        return images_to_uint8(_chunked(self._vqvae().fn("reconstruct"), vq,
+                                        images_to_float(self.check_images(images))))
+
+    def _labels(self, num: int, labels) -> np.ndarray | None:
+        """int32 [num] class labels (default 0, 1, ..., K-1, 0, ...), or None (unconditional prior)."""
+        if self.num_classes == 0:
+            if labels is not None:
+                raise DataError("this prior is unconditional (num_classes=0): it takes no labels.")
+            return None
+        if labels is None:
+            return (np.arange(num) % self.num_classes).astype(np.int32)
+        labels = np.asarray(labels)
+        if labels.ndim == 0:
+            labels = np.full((num,), labels)
+        if labels.shape != (num,) or not np.issubdtype(labels.dtype, np.integer):
+            raise DataError(f"labels have shape {labels.shape} and dtype {labels.dtype}; pass {num} "
+                            "integer class labels (or one for all).")
+        if labels.min() < 0 or labels.max() >= self.num_classes:
+            raise DataError(f"labels must be class ids in [0, {self.num_classes - 1}]; got "
+                            f"[{labels.min()}, {labels.max()}].")
+        return labels.astype(np.int32)
+
+    def sample_codes(self, params, num: int, seed: int = 0, labels=None, temperature: float | None = None):
+        """Code grids drawn from the prior: int32 [num, h, w]. temperature None: config.sampling's."""
+        _, prior_params = self._split(params)
+        num = int(num)
+        if num < 1:
+            raise DataError(f"num={num}: ask for at least one sample.")
+        t = float(self.config.sampling.temperature if temperature is None else temperature)
+        if not np.isfinite(t) or t < 0:
+            raise DataError(f"temperature={t} must be finite and >= 0 (0 = argmax decoding).")
+        labels = self._labels(num, labels)
+        if num not in self._samplers:  # compiled once per sample count; temperature is traced
+            self._samplers[num] = jax.jit(lambda p, k, y, tt: sample_codes(self.prior, p, k, y, num, tt))
+        codes = self._samplers[num](prior_params, jax.random.key(seed),
+                                    None if labels is None else jnp.asarray(labels), jnp.float32(t))
+        return np.asarray(codes).reshape(num, self.grid, self.grid)  # raster order -> [num, h, w]
+
+    def sample(self, params, num, seed=0, labels=None, prompts=None, num_steps=None,
+               guidance_scale=None, scheduler=None, temperature=None):
+        """``num`` images, uint8 [num, H, W, C]: codes from the prior (ancestral sampling at
+        ``temperature``, None = config.sampling.temperature), decoded by the VQ-VAE.
+
+        labels: int [num], one int for all, or None (0..K-1 cycling). The prior samples one code per
+        position, so num_steps, guidance_scale, scheduler and prompts are refused.
+        """
+        for name, value in (("prompts", prompts), ("num_steps", num_steps),
+                            ("guidance_scale", guidance_scale), ("scheduler", scheduler)):
+            if value is not None:
+                raise DataError(f"a vqvae run samples one code per position with its prior: it takes "
+                                f"labels= (and temperature=, default config.sampling.temperature), not "
+                                f"{name}=.")
+        return self.decode(params, self.sample_codes(params, num, seed, labels, temperature))
+
+    # -- evaluation -------------------------------------------------------------------------
+    def class_grid(self, samples: np.ndarray, labels: np.ndarray | None, per_class: int = 10) -> np.ndarray:
+        """uint8 grid with one row per class (the first ``per_class`` samples of each)."""
+        up = _upscale(samples.shape[1])
+        if labels is None:
+            return make_grid(samples[:per_class * 8], ncol=per_class, upscale=up)
+        rows = []
+        for k in range(self.num_classes):
+            mine = samples[labels == k][:per_class]
+            if len(mine) < per_class:  # pad a short row with black images
+                mine = np.concatenate([mine, np.zeros((per_class - len(mine), *samples.shape[1:]), np.uint8)])
+            rows.append(mine)
+        return make_grid(np.concatenate(rows), ncol=per_class, upscale=up)
+
+    def prior_bits_per_code(self, params, codes: np.ndarray, labels: np.ndarray) -> float:
+        """The prior's mean cross-entropy in bits per code on code grids int [N, h, w]."""
+        _, prior_params = self._split(params)
+        fn = self.__dict__.setdefault("_nll_fn", jax.jit(
+            lambda p, y, c: code_nll(self.prior.apply({"params": p}, y, c), c)))
+        seqs = codes.reshape(len(codes), -1).astype(np.int32)  # [N, L]
+        y = labels.astype(np.int32) if self.num_classes else None
+        total = sum(float(fn(prior_params, None if y is None else y[i:i + CHUNK], seqs[i:i + CHUNK]))
+                    * len(seqs[i:i + CHUNK]) for i in range(0, len(seqs), CHUNK))
+        return total / len(seqs) / float(np.log(2.0))
+
+    def evaluate(self, run, out_dir, num_samples: int | None = None) -> dict:
+        """Metrics of the run (module docstring); PNGs samples_per_class.png, reconstructions.png."""
+        from jaxgen.eval.classifier import PixelClassifier, confidence_and_entropy, frechet_distance
+        from jaxgen.nn.vq import codebook_usage
+
+        e = self.config.eval
+        n = int(num_samples or e.num_samples)
+        train, test = self.load_data(self.config.data.train_split), self.load_data(self.config.data.eval_split)
+        k = int(self.model.num_codes)
+        clf = PixelClassifier(train.images, train.labels)
+        f_test = clf.features(test.images)
+        recon = run.reconstruct(test.images)
+        out: dict[str, Any] = {
+            "num_samples": n,
+            "test_mse": float(np.mean((recon / 255.0 - test.images / 255.0) ** 2)),
+            "classifier_test_accuracy": float(np.mean(clf.predict(test.images) == test.labels)),
+            "reconstruction_classifier_accuracy": float(np.mean(clf.predict(recon) == test.labels)),
+            "real_fd_train_vs_test": frechet_distance(clf.features(train.images), f_test),
+        }
+        c_train, c_test = run.encode(train.images), run.encode(test.images)
+        for split, codes in (("train", c_train), ("test", c_test)):
+            used, ppl = codebook_usage(jnp.asarray(codes), k)
+            out[f"codebook_usage_{split}"] = float(used)
+            out[f"codebook_perplexity_{split}"] = float(ppl)
+        out["num_codes"] = k
+        out["prior_bits_per_code_train"] = self.prior_bits_per_code(run.params, c_train, train.labels)
+        out["prior_bits_per_code_test"] = self.prior_bits_per_code(run.params, c_test, test.labels)
+        up = _upscale(test.images.shape[1])
+        save_png(os.path.join(out_dir, "reconstructions.png"),
+                 make_grid(np.concatenate([test.images[:16], recon[:16]]), ncol=16, upscale=up))
+
+        labels = self._labels(n, None)
+        train_seqs = {row.tobytes() for row in c_train.reshape(len(c_train), -1).astype(np.int32)}
+        default_t = float(self.config.sampling.temperature)
+        temps = sorted({default_t, *(float(t) for t in e.temperatures)})
+        out["sampling_default"] = {"temperature": default_t}
+        out["by_temperature"] = {}
+        for t in temps:
+            t0 = time.perf_counter()
+            codes = self.sample_codes(run.params, n, EVAL_SEED, labels, t)
+            samples = run.decode(codes)
+            seconds = time.perf_counter() - t0
+            conf, ent = confidence_and_entropy(clf.probs(samples))
+            res = {"accuracy": None if labels is None else float(np.mean(clf.predict(samples) == labels)),
+                   "confidence": conf, "class_entropy": ent,
+                   "fd_vs_test": frechet_distance(clf.features(samples), f_test),
+                   "fraction_codes_seen_in_train": float(np.mean(
+                       [row.tobytes() in train_seqs for row in codes.reshape(n, -1).astype(np.int32)])),
+                   "seconds_incl_compile": seconds}
+            out["by_temperature"][f"{t:g}"] = res
+            if t == default_t:
+                out.update({f"sample_{key}": v for key, v in res.items()})
+                save_png(os.path.join(out_dir, "samples_per_class.png"), self.class_grid(samples, labels))
+        out["target_codebook_usage_0.5_met"] = bool(out["codebook_usage_train"] >= 0.5)
+        if labels is not None:
+            out["target_sample_accuracy_0.8_met"] = bool(out["sample_accuracy"] >= 0.8)
+        return out
