@@ -65,8 +65,16 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def _resumable(change: str) -> bool:
+    """A diff line "a.b.c: old -> new" names a field a resumed run may change (also per stage)."""
+    path = change.split(":")[0].split(".")
+    if path[0] == "stages" and len(path) > 2:
+        path = path[2:]  # stages.<stage>.<field>
+    return path[0] in RESUMABLE_CHANGES
+
+
 def _check_resume_config(saved: dict, new: dict, workdir: str) -> None:
-    changes = [c for c in _diff(saved, new) if c.split(".")[0].split(":")[0] not in RESUMABLE_CHANGES]
+    changes = [c for c in _diff(saved, new) if not _resumable(c)]
     if changes:
         raise ConfigError(f"{workdir} holds a run with a different config ({'; '.join(changes)}). "
                           "Resume with the same config, or start the new one in a new --workdir.")
