@@ -13,7 +13,6 @@ TASKS: dict[str, str] = {
     "vae": "jaxgen.training.tasks.autoencoder:VAETask",
     "clip": "jaxgen.training.tasks.clip:ClipTask",
     "diffusion": "jaxgen.training.tasks.diffusion:DiffusionTask",
-    "ldm": "jaxgen.training.tasks.ldm:LDMTask",
     "vqvae": "jaxgen.training.tasks.vqvae:VQVAETask",
 }
 
