@@ -148,8 +148,7 @@ def test_evaluate_keys(tiny_run, tmp_path):
     assert set(out["by_scheduler"]) == {"DDPMScheduler_2", "DDIMScheduler_2", "DPMSolverMultistepScheduler_2"}
     assert set(out["by_guidance"]) == {"1", "1.5", "3"}
     assert {"accuracy", "fd_vs_test", "fd_ratio_to_real"} <= set(out["by_guidance"]["3"])
-    # the default sampling (tiny: DDIM, 2 steps, guidance 1) is measured once and reused
-    assert out["by_guidance"]["1"]["fd_vs_test"] == out["sample_fd_vs_test"]
-    assert out["by_scheduler"]["DDIMScheduler_2"]["accuracy"] == out["sample_accuracy"]
+    # the default sampling (tiny: DDIM, 2 steps) is measured once and reused
+    assert out["by_scheduler"]["DDIMScheduler_2"]["fd_vs_test"] == out["sample_fd_vs_test"]
     for png in ("samples_per_class.png", "trajectory.png", "samples_guidance_3.png"):
         assert (tmp_path / png).stat().st_size > 0
