@@ -199,3 +199,93 @@ def test_damaged_checkpoint_is_an_error_not_a_fresh_start(tiny_run, tmp_path):
                         os.remove(os.path.join(root, f))
     with pytest.raises(CheckpointError, match="restoring step"):
         jaxgen.load_run(wd)
+
+
+# -- model state (non-parameter collections updated by the forward pass) ----------------------
+def _running_mean_loss(params, model_state, batch, key):
+    """A stateful objective: fit params["w"] to the batch mean; model_state keeps a running mean
+    and a count of the batches seen (like BatchNorm's batch_stats)."""
+    x = batch["x"]
+    loss = jnp.mean((params["w"] - x) ** 2)
+    new = {"stats": {"mean": 0.9 * model_state["stats"]["mean"] + 0.1 * jnp.mean(x),
+                     "count": model_state["stats"]["count"] + 1}}
+    return loss, ({"batch_mean": jnp.mean(x)}, new)
+
+
+def test_stateful_step_updates_model_state_and_the_nan_guard_keeps_it():
+    from jaxgen.training.state import create_state
+    from jaxgen.training.step import make_train_step
+    import optax
+
+    tx = optax.sgd(0.1)
+    model_state = {"stats": {"mean": jnp.zeros(()), "count": jnp.zeros((), jnp.int32)}}
+    state = create_state({"w": jnp.zeros(())}, tx, use_ema=True, model_state=model_state)
+    step = jax.jit(make_train_step(_running_mean_loss, tx, ema_decay=0.9, stateful=True))
+    key = jax.random.key(0)
+    state, metrics = step(state, {"x": jnp.full((4,), 2.0)}, key)
+    assert int(state.model_state["stats"]["count"]) == 1 and int(state.nonfinite) == 0
+    np.testing.assert_allclose(state.model_state["stats"]["mean"], 0.2, rtol=1e-6)
+    np.testing.assert_allclose(state.params["w"], 0.4, rtol=1e-6)  # w - 0.1 * 2 (w - 2)
+    before = jax.tree_util.tree_map(np.asarray, state)
+    state, metrics = step(state, {"x": jnp.array([1.0, jnp.nan, 0.0, 0.0])}, key)  # NaN loss: refused
+    assert int(state.nonfinite) == 1 and int(state.step) == 2 and not np.isfinite(float(metrics["loss"]))
+    for name in ("params", "opt_state", "ema_params", "model_state"):
+        for a, b in zip(jax.tree_util.tree_leaves(getattr(state, name)), jax.tree_util.tree_leaves(getattr(before, name))):
+            np.testing.assert_array_equal(np.asarray(a), b, err_msg=name)
+    state, _ = step(state, {"x": jnp.zeros((4,))}, key)  # training goes on from the kept state
+    assert int(state.model_state["stats"]["count"]) == 2
+    np.testing.assert_allclose(state.model_state["stats"]["mean"], 0.18, rtol=1e-6)
+
+
+def test_nan_in_the_new_model_state_alone_refuses_the_step():
+    from jaxgen.training.state import create_state
+    from jaxgen.training.step import make_train_step
+    import optax
+
+    def loss(params, model_state, batch, key):  # finite loss and gradient, poisoned state
+        return jnp.sum(params["w"] ** 2), ({}, {"m": model_state["m"] * batch["scale"]})
+
+    tx = optax.sgd(0.1)
+    state = create_state({"w": jnp.ones(())}, tx, use_ema=False, model_state={"m": jnp.ones(())})
+    step = jax.jit(make_train_step(loss, tx, stateful=True))
+    state, _ = step(state, {"scale": jnp.float32(jnp.inf)}, jax.random.key(0))
+    assert int(state.nonfinite) == 1 and float(state.model_state["m"]) == 1.0 and float(state.params["w"]) == 1.0
+
+
+def test_checkpoints_of_runs_without_model_state_keep_their_layout(tiny_run, tmp_path):
+    """A run without model state stores no model_state entry, and a checkpoint written before
+    TrainState had the field (the bare five-field dataclass) still loads."""
+    import shutil
+
+    import flax
+    import orbax.checkpoint as ocp
+
+    from jaxgen.training.checkpoint import Checkpointer
+
+    wd = str(tmp_path / "old_layout")
+    shutil.copytree(tiny_run.workdir, wd)
+    folder = os.path.join(wd, "checkpoints")
+    step = Checkpointer(folder, read_only=True).latest_step()
+    with open(os.path.join(folder, str(step), "state", "_METADATA")) as f:
+        keys = {k.split(",")[0].strip("(')") for k in json.load(f)["tree_metadata"]}
+    assert keys == {"step", "params", "opt_state", "ema_params", "nonfinite"}
+
+    @flax.struct.dataclass
+    class OldTrainState:  # jaxgen's TrainState before model_state existed
+        step: jax.Array
+        params: object
+        opt_state: object
+        ema_params: object
+        nonfinite: jax.Array
+
+    run = jaxgen.load_run(wd)
+    trainer = Trainer(run.config, wd)
+    new = trainer.checkpointer.restore(trainer.abstract_state())[0]
+    old = OldTrainState(new.step + 5, new.params, new.opt_state, new.ema_params, new.nonfinite)
+    trainer.checkpointer.manager.save(int(old.step), args=ocp.args.Composite(
+        state=ocp.args.StandardSave(old), config=ocp.args.JsonSave(json.loads(run.config.to_json()))))
+    trainer.checkpointer.close()
+    again = jaxgen.load_run(wd)
+    assert again.step == run.step + 5 and again.model_state is None
+    for a, b in zip(jax.tree_util.tree_leaves(again.params), jax.tree_util.tree_leaves(run.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

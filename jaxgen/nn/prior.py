@@ -28,6 +28,9 @@ from jaxgen.nn.vq import Quantized, VectorQuantizer
 # ------------------------------------------------------------------------------------------------
 # the autoencoder
 # ------------------------------------------------------------------------------------------------
+CODEBOOK_TYPES = ("gradient", "ema")
+
+
 @flax.struct.dataclass
 class VQVAEOutput:
     """What ConvVQVAE returns when called on images.
@@ -48,9 +51,15 @@ class ConvVQVAE(ConvAutoencoder):
     Encoder: ConvAutoencoder's levels (conv3x3 + act, stride-2 conv3x3 + act per entry of
     ``channels``), then a 1x1 conv to ``code_dim``: latents [B, H/f, W/f, code_dim], f =
     2**len(channels) (8x8 digits: channels of length 1 -> a 4x4 grid, length 2 -> 2x2).
-    Quantizer: VectorQuantizer(num_codes, code_dim, beta, legacy=False), a gradient-trained
-    codebook (parameter ``quantizer/embedding/embedding`` [num_codes, code_dim]) with
-    straight-through gradients; its loss is codebook + beta * commitment.
+    Quantizer: VectorQuantizer(num_codes, code_dim, beta, legacy=False) with straight-through
+    gradients, its codebook chosen by ``codebook``:
+      "gradient": a parameter ``quantizer/embedding/embedding`` [num_codes, code_dim] trained by
+          the loss codebook + beta * commitment;
+      "ema": the EMA ("K-means") codebook in the mutable collection ``"vq_ema"`` (decay
+          ``ema_decay``), loss beta * commitment only; called with train=True and
+          mutable=["vq_ema"] it updates the codebook and, with dead_code_threshold > 0, restarts
+          every code unused for that many consecutive updates at a random encoder output of the
+          batch (needs key=).
     Decoder: ConvAutoencoder's (nearest x2 upsampling + conv3x3 per level, conv_out).
     latent_dim must stay 0 (the code is the grid, not a dense vector) and skip False.
     """
@@ -59,6 +68,9 @@ class ConvVQVAE(ConvAutoencoder):
     num_codes: int = 64
     code_dim: int = 8
     beta: float = 0.25
+    codebook_type: str = "gradient"
+    ema_decay: float = 0.99
+    dead_code_threshold: int = 0
 
     def setup(self):
         if self.latent_dim or self.skip:
@@ -67,9 +79,20 @@ class ConvVQVAE(ConvAutoencoder):
         if self.num_codes < 2 or self.code_dim < 1:
             raise ConfigError(f"ConvVQVAE: num_codes={self.num_codes} must be >= 2 and code_dim="
                               f"{self.code_dim} >= 1.")
+        if self.codebook_type not in CODEBOOK_TYPES:
+            raise ConfigError(f"ConvVQVAE: codebook_type={self.codebook_type!r}; choose one of "
+                              f"{', '.join(CODEBOOK_TYPES)}.")
+        ema = self.codebook_type == "ema"
+        if ema and not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"ConvVQVAE: ema_decay={self.ema_decay} must lie in [0, 1).")
+        if self.dead_code_threshold < 0 or (self.dead_code_threshold and not ema):
+            raise ConfigError(f"ConvVQVAE: dead_code_threshold={self.dead_code_threshold} restarts codes of "
+                              "the EMA codebook: set codebook_type='ema', or 0 (no restarts; must be >= 0).")
         super().setup()
         self.quant_conv = nn.Conv(self.code_dim, (1, 1), dtype=self.dtype)
-        self.quantizer = VectorQuantizer(self.num_codes, self.code_dim, beta=self.beta, legacy=False)
+        self.quantizer = VectorQuantizer(self.num_codes, self.code_dim, beta=self.beta, legacy=False,
+                                         use_ema=ema, ema_decay=self.ema_decay,
+                                         dead_code_threshold=self.dead_code_threshold)
 
     @property
     def grid_size(self) -> int:
@@ -80,9 +103,12 @@ class ConvVQVAE(ConvAutoencoder):
         """x: [B, H, W, C] in [-1, 1] -> latents [B, h, w, code_dim] (x's dtype), not yet quantized."""
         return self.quant_conv(self._encode(x)[0])
 
-    def quantize(self, latents: jax.Array) -> Quantized:
-        """latents [B, h, w, code_dim] -> Quantized (straight-through z_q, indices int32 [B, h, w])."""
-        return self.quantizer(latents)
+    def quantize(self, latents: jax.Array, train: bool = False, key: jax.Array | None = None) -> Quantized:
+        """latents [B, h, w, code_dim] -> Quantized (straight-through z_q, indices int32 [B, h, w]).
+
+        train/key: the EMA codebook's update and dead-code restarts (codebook_type="ema" only;
+        see the class docstring)."""
+        return self.quantizer(latents, train=train, key=key)
 
     def codebook(self) -> jax.Array:
         """The codebook [num_codes, code_dim] float32."""
@@ -96,10 +122,13 @@ class ConvVQVAE(ConvAutoencoder):
         """Code indices int [B, h, w] in [0, num_codes) -> images [B, H, W, C]."""
         return self.decode(self.codebook()[indices].astype(self.dtype or jnp.float32))  # [B, h, w, D]
 
-    def __call__(self, x: jax.Array) -> VQVAEOutput:
-        """x: [B, H, W, C] in [-1, 1] -> VQVAEOutput (reconstruction through the straight-through codes)."""
+    def __call__(self, x: jax.Array, train: bool = False, key: jax.Array | None = None) -> VQVAEOutput:
+        """x: [B, H, W, C] in [-1, 1] -> VQVAEOutput (reconstruction through the straight-through codes).
+
+        train/key: update the EMA codebook (codebook_type="ema", with mutable=["vq_ema"]); the
+        output uses the codebook before the update."""
         latents = self.encode(x)
-        q = self.quantize(latents)
+        q = self.quantize(latents, train, key)
         return VQVAEOutput(reconstruction=self.decode(q.z_q), latents=latents, quantized=q)
 
 
@@ -111,9 +140,10 @@ def dead_code_loss(codebook: jax.Array, indices: jax.Array, targets: jax.Array) 
     positions. Returns sum over unused codes k of ||c_k - sg(t_k)||^2, divided by K.
     A code nobody picks gets no gradient from the codebook loss and would stay dead; this term
     moves it onto its target on the data until it wins assignments (then the term stops acting
-    on it). It is the gradient-codebook, stateless counterpart of restarting dead codes at random
-    encoder outputs (jaxgen.nn.vq.restart_dead_codes, which needs per-code counters kept between
-    steps). Distinct targets matter: pulling every dead code to its nearest encoder output sends
+    on it). It is the gradient codebook's stateless counterpart of restarting dead codes at random
+    encoder outputs (jaxgen.nn.vq.restart_dead_codes, which the EMA codebook does with per-code
+    counters in its model state; a restart would overwrite a gradient codebook's parameter, which
+    the optimizer owns). Distinct targets matter: pulling every dead code to its nearest encoder output sends
     the dead codes, all near the origin at initialisation, onto the same few points.
     """
     num_codes, dim = codebook.shape

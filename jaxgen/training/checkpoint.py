@@ -14,6 +14,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxgen.errors import CheckpointError
+from jaxgen.training.state import TrainState, from_checkpoint_tree, to_checkpoint_tree
 
 
 def check_writable(folder: str) -> None:
@@ -50,25 +51,32 @@ class Checkpointer:
         return list(self.manager.all_steps())
 
     def save(self, step: int, state: Any, config: dict) -> None:
-        """Start an asynchronous save of ``state`` (a pytree of jax.Arrays) and the config dict."""
+        """Start an asynchronous save of ``state`` (a pytree of jax.Arrays; a TrainState is stored
+        as ``to_checkpoint_tree(state)``) and the config dict."""
+        if isinstance(state, TrainState):
+            state = to_checkpoint_tree(state)
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         config=ocp.args.JsonSave(config)))
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict, int]:
         """(state, config dict, step) of ``step`` (default: the latest) into ``abstract_state``.
 
-        abstract_state: ShapeDtypeStructs carrying the shardings wanted on this process's devices.
+        abstract_state: ShapeDtypeStructs carrying the shardings wanted on this process's devices
+        (a TrainState of them gives a TrainState back).
         """
         step = self._resolve(step)
+        is_train_state = isinstance(abstract_state, TrainState)
+        target = to_checkpoint_tree(abstract_state) if is_train_state else abstract_state
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), config=ocp.args.JsonRestore()))
+                state=ocp.args.StandardRestore(target), config=ocp.args.JsonRestore()))
         except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
             raise CheckpointError(
                 f"restoring step {step} from {self.folder} failed: {e}. The checkpoint does not fit "
                 "this config's model (was the config changed?) or is damaged; use the config it was "
                 "written with, another --step, or a new --workdir.") from e
-        return out["state"], dict(out["config"]), step
+        state = from_checkpoint_tree(dict(out["state"])) if is_train_state else out["state"]
+        return state, dict(out["config"]), step
 
     def _resolve(self, step: int | None) -> int:
         """``step``, or the latest step when None; a CheckpointError if there is no such step."""

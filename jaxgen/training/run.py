@@ -17,7 +17,7 @@ from jaxgen.errors import CheckpointError
 from jaxgen.training import mesh as mesh_lib
 from jaxgen.training.checkpoint import Checkpointer, abstract_with_shardings
 from jaxgen.training.optim import make_optimizer
-from jaxgen.training.trainer import (MAIN_STAGE, checkpoint_dir, ema_decay_of, final_params,
+from jaxgen.training.trainer import (MAIN_STAGE, checkpoint_dir, ema_decay_of, final_params, handed_on,
                                      new_train_state, stage_config)
 from jaxgen.training.tasks import make_task
 
@@ -26,6 +26,10 @@ from jaxgen.training.tasks import make_task
 class Run:
     """A trained run. ``params`` are the EMA parameters when the run keeps them.
 
+    ``model_state``: the model's non-parameter collections (e.g. {"vq_ema": ...} of an EMA
+    codebook), None when it has none; ``variables``: what the task's abilities are called with,
+    ``task.bind_state(params, model_state)`` (``params`` itself for tasks without model state).
+    Multi-stage runs hold all three per stage: {stage: ...}.
     Images in and out are uint8 NHWC at the dataset's resolution.
     """
 
@@ -35,6 +39,15 @@ class Run:
     step: int
     workdir: str
     raw_params: Any = None     # the non-EMA parameters (same as params when there is no EMA)
+    model_state: Any = None
+    variables: Any = None      # None: the same as params
+
+    def __post_init__(self):
+        if self.variables is None:
+            if self.model_state is not None:
+                raise ValueError("Run: a run with a model_state needs variables= (task.bind_state(params, "
+                                 "model_state)); load_run builds both.")
+            self.variables = self.params
 
     @property
     def model(self):
@@ -50,30 +63,30 @@ class Run:
     # autoencoder family
     def encode(self, images: np.ndarray) -> np.ndarray:
         """uint8 [N, H, W, C] -> codes [N, ...]."""
-        return self._ability("encode")(self.params, images)
+        return self._ability("encode")(self.variables, images)
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         """codes -> uint8 [N, H, W, C]."""
-        return self._ability("decode")(self.params, codes)
+        return self._ability("decode")(self.variables, codes)
 
     def reconstruct(self, images: np.ndarray) -> np.ndarray:
         """uint8 [N, H, W, C] -> uint8 [N, H, W, C]."""
-        return self._ability("reconstruct")(self.params, images)
+        return self._ability("reconstruct")(self.variables, images)
 
     # generative runs
     def sample(self, num: int, seed: int = 0, labels=None, prompts=None, num_steps=None,
                guidance_scale=None, scheduler=None) -> np.ndarray:
         """``num`` samples, uint8 [num, H, W, C]; None arguments take the config's sampling defaults."""
-        return self._ability("sample")(self.params, num, seed=seed, labels=labels, prompts=prompts,
+        return self._ability("sample")(self.variables, num, seed=seed, labels=labels, prompts=prompts,
                                        num_steps=num_steps, guidance_scale=guidance_scale,
                                        scheduler=scheduler)
 
     # CLIP runs
     def encode_text(self, texts) -> np.ndarray:
-        return self._ability("encode_text")(self.params, texts)
+        return self._ability("encode_text")(self.variables, texts)
 
     def encode_image(self, images) -> np.ndarray:
-        return self._ability("encode_image")(self.params, images)
+        return self._ability("encode_image")(self.variables, images)
 
     @property
     def tokenizer(self):
@@ -99,8 +112,9 @@ def _find_config(workdir: str, step: int | None) -> dict:
 def load_run(workdir: str | os.PathLike, step: int | None = None) -> Run:
     """Load the run in ``workdir`` at ``step`` (default: its latest checkpoint).
 
-    Multi-stage runs load every stage (``step`` applies to the last one); ``run.params`` is then
-    {stage: params}.
+    Multi-stage runs load every stage (``step`` applies to the last one); ``run.params``,
+    ``run.model_state`` and ``run.variables`` are then {stage: ...}. Checkpoints written before
+    TrainState had a model_state field load as they are (model_state None).
     """
     workdir = os.path.abspath(os.fspath(workdir))
     if not os.path.isdir(workdir):
@@ -109,10 +123,10 @@ def load_run(workdir: str | os.PathLike, step: int | None = None) -> Run:
     task = make_task(config)
     task.attach(workdir, training=False)
     local = mesh_lib.make_mesh(-1, 1, devices=jax.local_devices())
-    frozen, raw, steps = {}, {}, {}
+    params, raw, model_state, variables, steps = {}, {}, {}, {}, {}
     for i, stage in enumerate(task.stages):
         sconf = stage_config(config, stage)
-        sub = task.stage_task(stage, frozen, sconf)
+        sub = task.stage_task(stage, variables, sconf)
         folder = checkpoint_dir(workdir, stage)
         if not os.path.isdir(folder):
             raise CheckpointError(f"stage {stage!r} of {workdir} has no checkpoint yet: resume "
@@ -124,8 +138,9 @@ def load_run(workdir: str | os.PathLike, step: int | None = None) -> Run:
         abstract = abstract_with_shardings(shapes, jax.tree_util.tree_map(lambda _: mesh_lib.replicated(local), shapes))
         last = i == len(task.stages) - 1
         state, _, steps[stage] = ckpt.restore(abstract, step if last else None)
-        frozen[stage], raw[stage] = final_params(state), state.params
-    single = tuple(task.stages) == (MAIN_STAGE,)
-    return Run(config=config, task=task, params=frozen[MAIN_STAGE] if single else frozen,
-               step=int(steps[task.stages[-1]]), workdir=workdir,
-               raw_params=raw[MAIN_STAGE] if single else raw)
+        params[stage], raw[stage], model_state[stage] = final_params(state), state.params, state.model_state
+        variables[stage] = handed_on(sub, state)
+    pick = (lambda d: d[MAIN_STAGE]) if tuple(task.stages) == (MAIN_STAGE,) else (lambda d: d)
+    return Run(config=config, task=task, params=pick(params), step=int(steps[task.stages[-1]]),
+               workdir=workdir, raw_params=pick(raw), model_state=pick(model_state),
+               variables=pick(variables))

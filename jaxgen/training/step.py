@@ -12,6 +12,8 @@ from jaxgen.training.state import TrainState
 
 # loss_fn(params, batch, key) -> (scalar loss, dict of scalar metrics)
 LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
+# loss_fn(params, model_state, batch, key) -> (scalar loss, (dict of scalar metrics, new model_state))
+StatefulLossFn = Callable[[Any, Any, dict, jax.Array], tuple[jax.Array, tuple[dict, Any]]]
 
 
 def cast_floating(tree: Any, dtype) -> Any:
@@ -20,30 +22,49 @@ def cast_floating(tree: Any, dtype) -> Any:
         lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, schedule=None,
+def _all_finite(tree: Any) -> jax.Array:
+    """bool []: every floating leaf of ``tree`` is finite (True for a tree without any)."""
+    leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.bool_(True)
+
+
+def make_train_step(loss_fn: LossFn | StatefulLossFn, tx: optax.GradientTransformation, *, schedule=None,
                     ema_decay: float | None = None, ema_warmup: bool = True,
-                    compute_dtype=jnp.float32) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
+                    compute_dtype=jnp.float32, stateful: bool = False
+                    ) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
     """Build ``step(state, batch, root_key) -> (state, metrics)``.
 
     The step's key is fold_in(root_key, state.step), so resuming gives identical randomness.
     compute_dtype: the parameters are cast to it for the forward/backward pass (bf16 compute with
     float32 master parameters); gradients and updates stay float32.
-    A step whose loss or gradient is not finite changes nothing but ``step`` and ``nonfinite``:
-    parameters, optimizer state and EMA keep their last finite values, so nothing poisoned is
-    ever saved; the trainer stops or goes on according to its NaN policy.
+    stateful=False: ``loss_fn(params, batch, key) -> (loss, metrics)`` and state.model_state is
+    carried unchanged. stateful=True: ``loss_fn(params, model_state, batch, key) -> (loss,
+    (metrics, new_model_state))``; the step differentiates with respect to params only and stores
+    new_model_state (e.g. an EMA codebook's statistics, BatchNorm's batch_stats). The model state
+    is passed as it is (never cast to compute_dtype).
+    A step whose loss, gradient, update or new model state is not finite changes nothing but
+    ``step`` and ``nonfinite``: parameters, optimizer state, EMA and model state keep their last
+    finite values, so nothing poisoned is ever saved; the trainer stops or goes on according to its
+    NaN policy.
     """
 
-    def objective(params, batch, key):
-        loss, metrics = loss_fn(cast_floating(params, compute_dtype), batch, key)
-        return loss.astype(jnp.float32), metrics
+    def objective(params, model_state, batch, key):
+        params = cast_floating(params, compute_dtype)
+        if stateful:
+            loss, (metrics, new_model_state) = loss_fn(params, model_state, batch, key)
+        else:
+            (loss, metrics), new_model_state = loss_fn(params, batch, key), model_state
+        return loss.astype(jnp.float32), (metrics, new_model_state)
 
     def step(state: TrainState, batch: dict, root_key: jax.Array):
         key = jax.random.fold_in(root_key, state.step)
-        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params, batch, key)
+        (loss, (metrics, model_state)), grads = jax.value_and_grad(objective, has_aux=True)(
+            state.params, state.model_state, batch, key)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        # refuse the step if the loss, the gradient or the update is not finite
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
+        # refuse the step if the loss, the gradient, the update or the new model state is not finite
+        finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
+                  & _all_finite(model_state))
         params = optax.apply_updates(state.params, updates)
         ema = state.ema_params
         if ema is not None:
@@ -53,7 +74,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, schedu
                                params=keep(params, state.params),
                                opt_state=keep(opt_state, state.opt_state),
                                ema_params=None if ema is None else keep(ema, state.ema_params),
-                               nonfinite=state.nonfinite + (~finite).astype(jnp.int32))
+                               nonfinite=state.nonfinite + (~finite).astype(jnp.int32),
+                               model_state=None if model_state is None else keep(model_state, state.model_state))
         metrics = {"loss": loss, "grad_norm": grad_norm, **metrics}
         if schedule is not None:
             metrics["lr"] = schedule(state.step)

@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -116,8 +115,10 @@ def stage_config(config: ml_collections.ConfigDict, stage: str) -> ml_collection
 
 
 def new_train_state(task, tx, use_ema: bool, key: jax.Array) -> TrainState:
-    """Step-0 state of ``task`` (call under jax.eval_shape for shapes only)."""
-    return create_state(task.init_params(key, task.example_batch()), tx, use_ema)
+    """Step-0 state of ``task`` (call under jax.eval_shape for shapes only), with the task's model
+    state (None when it has none)."""
+    params, model_state = task.init_variables(key, task.example_batch())
+    return create_state(params, tx, use_ema, model_state)
 
 
 def checkpoint_dir(workdir: str, stage: str) -> str:
@@ -187,9 +188,11 @@ class Trainer:
         if self.is_main:
             with open(os.path.join(self.workdir, "config.json"), "w") as f:
                 f.write(self.run_config.to_json(indent=2))
-        step_fn = make_train_step(self.task.loss_fn, self.tx, schedule=self.schedule,
-                                  ema_decay=self.ema_decay, ema_warmup=bool(cfg.get("ema", {}).get("warmup", True)),
-                                  compute_dtype=DTYPES[cfg.get("compute_dtype", "float32")])
+        stateful = state.model_state is not None
+        step_fn = make_train_step(self.task.loss_fn_with_state if stateful else self.task.loss_fn, self.tx,
+                                  schedule=self.schedule, ema_decay=self.ema_decay,
+                                  ema_warmup=bool(cfg.get("ema", {}).get("warmup", True)),
+                                  compute_dtype=DTYPES[cfg.get("compute_dtype", "float32")], stateful=stateful)
         replicated = mesh_lib.replicated(self.mesh)
         jitted = jax.jit(step_fn, in_shardings=(self.state_shardings, self.batch_sharding, replicated),
                          out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
@@ -243,8 +246,7 @@ class Trainer:
     def write_preview(self, state: TrainState, batch: dict, step: int) -> None:
         from jaxgen.eval.images import save_png
 
-        params = state.ema_params if state.ema_params is not None else state.params
-        grid = self.task.preview(params, batch)
+        grid = self.task.preview(handed_on(self.task, state), batch)
         if grid is not None:
             prefix = "" if self.stage == MAIN_STAGE else f"{self.stage}_"
             save_png(os.path.join(self.workdir, "images", f"{prefix}step_{step:07d}.png"), grid)
@@ -290,12 +292,19 @@ def final_params(state: TrainState):
     return state.ema_params if state.ema_params is not None else state.params
 
 
+def handed_on(task, state: TrainState):
+    """What a stage gives its previews, later stages and the Run's abilities: its final parameters
+    joined with its model state by ``task.bind_state`` (the parameters alone for most tasks)."""
+    return task.bind_state(final_params(state), state.model_state)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None = None):
     """Train ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the Run.
 
     A task with several stages (``task.stages``, e.g. an autoencoder, then a prior on its codes)
     trains them in order, each to its own total_steps with its own checkpoints; later stages get
-    the earlier stages' final parameters. A stage already at its total_steps is only restored.
+    the earlier stages' final parameters (``handed_on``: with their model state, if any). A stage
+    already at its total_steps is only restored.
     """
     from jaxgen.training.run import load_run
 
@@ -306,8 +315,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_after: int | Non
     frozen: dict = {}
     for stage in task.stages:
         sconf = stage_config(config, stage)
-        trainer = Trainer(sconf, workdir, stage, task.stage_task(stage, frozen, sconf), run_config=config)
+        sub = task.stage_task(stage, frozen, sconf)
+        trainer = Trainer(sconf, workdir, stage, sub, run_config=config)
         state = trainer.fit(stop_after=stop_after)
         trainer.checkpointer.close()
-        frozen[stage] = final_params(state)
+        frozen[stage] = handed_on(sub, state)
     return load_run(workdir)

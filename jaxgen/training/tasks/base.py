@@ -28,7 +28,14 @@ def build_module(class_path: str, fields: dict):
 
 class Task:
     """Subclasses set ``name`` and implement init_params, loss_fn; optionally preview, evaluate
-    and the Run abilities (encode/decode/reconstruct/sample/encode_text/encode_image)."""
+    and the Run abilities (encode/decode/reconstruct/sample/encode_text/encode_image).
+
+    Model state (non-parameter Flax collections the forward pass updates, e.g. an EMA codebook's
+    ``"vq_ema"`` or BatchNorm's ``"batch_stats"``): a task that has some returns it from
+    ``init_variables`` and implements ``loss_fn_with_state`` (the trainer then uses that instead of
+    ``loss_fn``, checkpoints the state and hands it to the Run) and ``bind_state``, which joins
+    parameters and model state into what its inference functions take.
+    """
 
     name = "task"
     stages: tuple[str, ...] = ("main",)
@@ -58,10 +65,19 @@ class Task:
         return load_dataset(self.config.data.name, split, data_dir=data_dir)
 
     def batch_arrays(self, ds) -> dict[str, np.ndarray]:
-        """Host arrays the pipeline indexes: {"image": uint8 [N, H, W, C], "label": int32 [N]}."""
+        """Host arrays the pipeline indexes: {"image": uint8 [N, H, W, C], "label": int32 [N]},
+        without the examples whose label is in config.data.exclude_labels (anomaly detection:
+        train without some classes, score them at evaluation)."""
         arrays = {"image": ds.images}
         if ds.labels is not None:
             arrays["label"] = ds.labels.astype(np.int32)
+        exclude = tuple(self.config.data.get("exclude_labels", ()) or ())
+        if exclude:
+            if "label" not in arrays:
+                raise DataError(f"data.exclude_labels={list(exclude)} but dataset {self.config.data.name!r} "
+                                "has no labels; clear data.exclude_labels.")
+            keep = ~np.isin(arrays["label"], exclude)
+            arrays = {k: v[keep] for k, v in arrays.items()}
         return arrays
 
     def check_images(self, images: np.ndarray) -> np.ndarray:
@@ -90,8 +106,27 @@ class Task:
         x = images_to_float(batch["image"][:1])
         return self.model.init(key, x)["params"]
 
+    def init_variables(self, key: jax.Array, batch: dict) -> tuple[Any, Any]:
+        """(params, model_state) from one example batch; model_state is None (the default) for a
+        task whose model keeps no non-parameter collections."""
+        return self.init_params(key, batch), None
+
     def loss_fn(self, params: Any, batch: dict, key: jax.Array) -> tuple[jax.Array, dict]:
         raise TypeError(f"{type(self).__name__} defines no loss_fn")
+
+    def loss_fn_with_state(self, params: Any, model_state: Any, batch: dict, key: jax.Array
+                           ) -> tuple[jax.Array, tuple[dict, Any]]:
+        """The objective of a task with model state: (loss, (metrics, new_model_state))."""
+        raise TypeError(f"{type(self).__name__}.init_variables returned a model state, but the task "
+                        "defines no loss_fn_with_state(params, model_state, batch, key) to update it.")
+
+    def bind_state(self, params: Any, model_state: Any) -> Any:
+        """What this task's inference functions (preview, the Run abilities, later stages) take as
+        ``params``: the parameters themselves when there is no model state (the default)."""
+        if model_state is not None:
+            raise TypeError(f"{type(self).__name__} has a model state but defines no bind_state(params, "
+                            "model_state) saying how its inference functions receive it.")
+        return params
 
     def preview(self, params: Any, batch: dict) -> np.ndarray | None:
         """A uint8 image grid [H, W, C] to write as PNG during training (None: no preview)."""

@@ -1,21 +1,32 @@
 """VQ-VAE with a prior over its codes: two stages in one run directory.
 
-Stage "vqvae" (``VQVAEStage``) trains ``jaxgen.nn.prior:ConvVQVAE`` on images in [-1, 1]:
-    loss = mse(reconstruction, x) + codebook loss + beta * commitment loss
-           + vq.dead_code_weight * dead_code_loss
-with straight-through gradients through the quantizer (jaxgen.nn.vq.quantize). The codebook is
-gradient-trained. Dead-code revival (jaxgen.nn.prior.dead_code_loss): code k, whenever no
-latent of the batch picks it, is pulled towards the current encoding of a fixed training
-position k (K positions of ceil(K / (h*w)) training images drawn with config.seed): the
-stateless form of restarting dead codes at random encoder outputs. (The engine's train step
-carries parameters and optimizer state only, no EMA-codebook statistics or per-code counters, so
-neither the EMA codebook nor counter-based restarts fit it.)
+Stage "vqvae" (``VQVAEStage``) trains ``jaxgen.nn.prior:ConvVQVAE`` on images in [-1, 1] with
+straight-through gradients through the quantizer (jaxgen.nn.vq.quantize). ``model.codebook_type``
+picks the codebook:
+  "ema" (configs/digits_vqvae.py's default): the codebook is an exponential moving average
+      (``model.ema_decay``) of the encoder outputs assigned to each code, kept in the train
+      state's model state (collection "vq_ema"), updated by the forward pass of every train step
+      (``loss_fn_with_state``);
+          loss = mse(reconstruction, x) + beta * commitment loss
+      and a code that no latent picked for ``model.dead_code_threshold`` consecutive steps
+      restarts at a random encoder output of the batch (jaxgen.nn.vq.restart_dead_codes, key from
+      the step's key; 0 = no restarts).
+  "gradient": a codebook parameter (``loss_fn``);
+          loss = mse + codebook loss + beta * commitment loss + vq.dead_code_weight * dead_code_loss
+      Dead-code revival for it (jaxgen.nn.prior.dead_code_loss): code k, whenever no latent of the
+      batch picks it, is pulled towards the current encoding of a fixed training position k (K
+      positions of ceil(K / (h*w)) training images drawn with config.seed). Restarts would have to
+      overwrite a parameter, which the optimizer owns; the pull is their stateless counterpart
+      (measured in docs/VQVAE.md: 43 -> 64 codes used). It is refused with the EMA codebook.
 
-Stage "prior" (``PriorStage``) encodes the training images once with the frozen (final, EMA when
-kept) VQ-VAE into code sequences [N, h*w] (raster order) and trains ``jaxgen.nn.prior:CodePrior``
-(class token first, then the codes) by next-token cross-entropy.
+Stage "prior" (``PriorStage``) encodes the training images once with the frozen VQ-VAE (its final
+parameters, EMA when kept, and its EMA codebook) into code sequences [N, h*w] (raster order) and
+trains ``jaxgen.nn.prior:CodePrior`` (class token first, then the codes) by next-token
+cross-entropy.
 
-The run (``VQVAETask``, params = {"vqvae": ..., "prior": ...}):
+The run (``VQVAETask``; run.params = {"vqvae": ..., "prior": ...}, run.model_state = {"vqvae":
+{"vq_ema": ...} or None, "prior": None}, run.variables = {"vqvae": {"params": ..., "vq_ema": ...},
+"prior": ...}, which the task's methods take):
     run.encode(images uint8 [N, H, W, C]) -> code indices int32 [N, h, w]
     run.decode(indices int [N, h, w]) -> uint8 [N, H, W, C]
     run.reconstruct(images) -> uint8 images (decode(encode(images)))
@@ -54,14 +65,15 @@ def _upscale(image_size: int) -> int:
 
 
 def _vq_fn(model, name: str):
-    """A jitted ``fn(params, x)`` for one ConvVQVAE method (compiled once per batch shape)."""
+    """A jitted ``fn(variables, x)`` for one ConvVQVAE method (compiled once per batch shape);
+    variables: {"params": ..., and "vq_ema": ... for an EMA codebook}."""
     methods = {
         "encode": lambda m, x: m.quantize(m.encode(x)).indices,          # [B, H, W, C] -> int32 [B, h, w]
         "decode": lambda m, idx: m.decode_indices(idx),                  # int [B, h, w] -> [B, H, W, C]
         "reconstruct": lambda m, x: m(x).reconstruction,                 # [B, H, W, C] -> [B, H, W, C]
     }
     method = methods[name]
-    return jax.jit(lambda p, x: model.apply({"params": p}, x, method=method))
+    return jax.jit(lambda v, x: model.apply(v, x, method=method))
 
 
 def _chunked(fn, params, x: np.ndarray) -> np.ndarray:
@@ -77,20 +89,29 @@ def _chunked(fn, params, x: np.ndarray) -> np.ndarray:
 
 
 class VQVAEStage(Task):
-    """Stage 1: the ConvVQVAE autoencoder (see the module docstring for the loss)."""
+    """Stage 1: the ConvVQVAE autoencoder (see the module docstring for the loss).
+
+    Its inference functions (preview, ``fn``) take Flax variables {"params": ..., "vq_ema": ...}
+    (``bind_state``; only "params" for the gradient codebook).
+    """
 
     name = "vqvae"
 
     def __init__(self, config):
         super().__init__(config)
-        for field in ("num_codes", "code_dim", "grid_size"):
+        for field in ("num_codes", "code_dim", "grid_size", "codebook_type"):
             if not hasattr(self.model, field):
                 raise ConfigError(f"model_class={config.model_class!r} is not a VQ-VAE with {field}; the "
                                   "vqvae task trains jaxgen.nn.prior:ConvVQVAE.")
+        self.ema = self.model.codebook_type == "ema"
         self.dead_code_weight = float(config.vq.dead_code_weight)
         if self.dead_code_weight < 0:
             raise ConfigError(f"vq.dead_code_weight={self.dead_code_weight} must be >= 0 (0 turns the "
                               "pull on unused codes off).")
+        if self.ema and self.dead_code_weight:
+            raise ConfigError(f"vq.dead_code_weight={self.dead_code_weight} pulls unused codes of a gradient-"
+                              "trained codebook; the EMA codebook (model.codebook_type='ema') revives codes "
+                              "by restarts (model.dead_code_threshold): set vq.dead_code_weight=0.")
         self._fns: dict = {}
         self._reference: np.ndarray | None = None
 
@@ -110,49 +131,84 @@ class VQVAEStage(Task):
             self._reference = images[np.sort(pick)]
         return self._reference
 
+    # -- model state: the EMA codebook ----------------------------------------------------
+    def init_variables(self, key, batch):
+        """(params, model_state): model_state is {"vq_ema": ...} for the EMA codebook, else None."""
+        variables = dict(self.model.init(key, images_to_float(batch["image"][:1])))
+        params = variables.pop("params")
+        return params, (variables or None)
+
+    def bind_state(self, params, model_state):
+        """The Flax variables the inference functions take: {"params": params, **model_state}."""
+        return {"params": params, **(model_state or {})}
+
     def loss_fn(self, params, batch, key):
+        """Gradient codebook: (loss, metrics); see the module docstring."""
+        if self.ema:
+            raise TypeError("the EMA codebook updates model state: the trainer calls loss_fn_with_state.")
         x = images_to_float(batch["image"])  # uint8 [B, H, W, C] -> [-1, 1]
         dtype = jax.tree_util.tree_leaves(params)[0].dtype
         out = self.model.apply({"params": params}, x.astype(dtype))
-        q = out.quantized
-        mse = losses.mse(out.reconstruction, x)
-        loss = mse + q.loss
+        loss, metrics = self._loss(out, x)
         if self.dead_code_weight > 0:
             k = int(self.model.num_codes)
             codebook = self.model.apply({"params": params}, method=lambda m: m.codebook())
             ref = images_to_float(jnp.asarray(self.reference_images)).astype(dtype)
             targets = self.model.apply({"params": params}, ref, method=lambda m, r: m.encode(r))
             targets = targets.reshape(-1, targets.shape[-1])[:k]  # [R, h, w, D] -> [K, D]
-            dead = dead_code_loss(codebook, q.indices, targets)
+            dead = dead_code_loss(codebook, out.quantized.indices, targets)
             loss = loss + self.dead_code_weight * dead
         else:
             dead = jnp.zeros((), jnp.float32)
-        return loss, {"mse": mse, "codebook_loss": q.codebook_loss, "commitment_loss": q.commitment_loss,
-                      "dead_code_loss": dead, "codebook_usage": q.usage, "perplexity": q.perplexity}
+        return loss, {**metrics, "dead_code_loss": dead}
+
+    def loss_fn_with_state(self, params, model_state, batch, key):
+        """EMA codebook: (loss, (metrics, new model_state)). The forward pass quantizes with the
+        codebook in ``model_state``, then updates it from this batch's encoder outputs (and restarts
+        dead codes at random ones, drawn with ``key``); the loss has no codebook term."""
+        x = images_to_float(batch["image"])  # uint8 [B, H, W, C] -> [-1, 1]
+        dtype = jax.tree_util.tree_leaves(params)[0].dtype
+        out, new_state = self.model.apply({"params": params, **model_state}, x.astype(dtype), train=True,
+                                          key=key, mutable=list(model_state))
+        loss, metrics = self._loss(out, x)
+        k = int(self.model.num_codes)
+        used = jnp.bincount(out.quantized.indices.reshape(-1), length=k) > 0  # [K]
+        unused = new_state["vq_ema"]["quantizer"]["unused"]  # [K], 0 after a use or a restart
+        metrics["codes_restarted"] = jnp.sum((unused == 0) & ~used).astype(jnp.float32)
+        return loss, (metrics, new_state)
+
+    def _loss(self, out, x):
+        """MSE + the quantizer's loss, and the metrics both objectives log."""
+        q = out.quantized
+        mse = losses.mse(out.reconstruction, x)
+        return mse + q.loss, {"mse": mse, "codebook_loss": q.codebook_loss, "commitment_loss": q.commitment_loss,
+                              "codebook_usage": q.usage, "perplexity": q.perplexity}
 
     def fn(self, name: str):
         if name not in self._fns:
             self._fns[name] = _vq_fn(self.model, name)
         return self._fns[name]
 
-    def preview(self, params, batch):
+    def preview(self, variables, batch):
+        """16 batch images over their reconstructions; variables: bind_state(params, model_state)."""
         images = np.asarray(jax.device_get(batch["image"]))[:16]
-        recon = images_to_uint8(self.fn("reconstruct")(params, images_to_float(images)))
+        recon = images_to_uint8(self.fn("reconstruct")(variables, images_to_float(images)))
         return make_grid(np.concatenate([images, recon]), ncol=len(images), upscale=_upscale(images.shape[1]))
 
 
 class PriorStage(Task):
     """Stage 2: CodePrior on the code sequences of the frozen VQ-VAE (next-token cross-entropy).
 
-    vqvae: the VQVAEStage whose model encodes; vqvae_params: its final parameters.
+    vqvae: the VQVAEStage whose model encodes; vqvae_variables: its final Flax variables
+    (VQVAEStage.bind_state: the parameters, and the EMA codebook's state if any).
     Batches: {"codes": int32 [B, L], "label": int32 [B]}.
     """
 
     name = "vqvae:prior"
 
-    def __init__(self, config, vqvae: VQVAEStage, vqvae_params):
+    def __init__(self, config, vqvae: VQVAEStage, vqvae_variables):
         super().__init__(config)
-        self.vqvae, self.vqvae_params = vqvae, vqvae_params
+        self.vqvae, self.vqvae_variables = vqvae, vqvae_variables
         self.seq_len = int(self.model.seq_len)
         self.num_classes = int(self.model.num_classes)
 
@@ -161,7 +217,7 @@ class PriorStage(Task):
         if self.num_classes and ds.labels is None:
             raise DataError(f"the prior is class-conditional (num_classes={self.num_classes}) but "
                             f"{self.config.data.name!r} has no labels; set stages.prior.model.num_classes=0.")
-        codes = _chunked(self.vqvae.fn("encode"), self.vqvae_params, images_to_float(ds.images))
+        codes = _chunked(self.vqvae.fn("encode"), self.vqvae_variables, images_to_float(ds.images))
         arrays = {"codes": codes.reshape(len(codes), -1).astype(np.int32)}  # [N, h, w] -> [N, L]
         arrays["label"] = (ds.labels if ds.labels is not None else np.zeros(len(codes))).astype(np.int32)
         return arrays
@@ -183,7 +239,7 @@ class PriorStage(Task):
             lambda p, y: sample_codes(self.model, p, jax.random.key(0), y, n, self.config.sampling.temperature)))
         grid = int(self.vqvae.model.grid_size)
         codes = np.asarray(fn(params, labels)).reshape(n, grid, grid)  # raster order -> [n, h, w]
-        images = images_to_uint8(self.vqvae.fn("decode")(self.vqvae_params, codes))
+        images = images_to_uint8(self.vqvae.fn("decode")(self.vqvae_variables, codes))
         return make_grid(images, ncol=max(self.num_classes, 8), upscale=_upscale(images.shape[1]))
 
     def loss_fn(self, params, batch, key):
@@ -196,7 +252,8 @@ class PriorStage(Task):
 
 
 class VQVAETask(Task):
-    """The whole run: stages ("vqvae", "prior"), and the Run's abilities on {stage: params}."""
+    """The whole run: stages ("vqvae", "prior"), and the Run's abilities on run.variables,
+    {"vqvae": the VQ-VAE's Flax variables (VQVAEStage.bind_state), "prior": the prior's params}."""
 
     name = "vqvae"
     stages = ("vqvae", "prior")
@@ -239,21 +296,24 @@ class VQVAETask(Task):
         return self._vq
 
     @staticmethod
-    def _split(params):
-        if not isinstance(params, dict) or set(params) != {"vqvae", "prior"}:
-            raise DataError("a vqvae run's methods take run.params, the dict {'vqvae': ..., 'prior': ...} "
-                            "that load_run returns.")
-        return params["vqvae"], params["prior"]
+    def _split(variables):
+        """(the VQ-VAE's Flax variables, the prior's params) of run.variables."""
+        if (not isinstance(variables, dict) or set(variables) != {"vqvae", "prior"}
+                or not isinstance(variables["vqvae"], dict) or "params" not in variables["vqvae"]):
+            raise DataError("a vqvae run's methods take run.variables, the dict {'vqvae': {'params': ..., "
+                            "('vq_ema': ...)}, 'prior': ...} that load_run returns (run.params lacks the "
+                            "EMA codebook's state).")
+        return variables["vqvae"], variables["prior"]
 
     # -- Run abilities (uint8 NHWC at the dataset's resolution in and out) ------------------
-    def encode(self, params, images):
+    def encode(self, variables, images):
         """uint8 [N, H, W, C] -> code indices int32 [N, h, w] in [0, num_codes)."""
-        vq, _ = self._split(params)
+        vq, _ = self._split(variables)
         return _chunked(self._vqvae().fn("encode"), vq, images_to_float(self.check_images(images)))
 
-    def decode(self, params, codes):
+    def decode(self, variables, codes):
         """Code indices int [N, h, w] in [0, num_codes) -> uint8 [N, H, W, C]."""
-        vq, _ = self._split(params)
+        vq, _ = self._split(variables)
         codes = np.asarray(codes)
         k = int(self.model.num_codes)
         if codes.ndim != 3 or codes.shape[1:] != (self.grid, self.grid) or not np.issubdtype(codes.dtype, np.integer):
@@ -263,9 +323,9 @@ class VQVAETask(Task):
             raise DataError(f"code indices must lie in [0, {k - 1}]; got [{codes.min()}, {codes.max()}].")
         return images_to_uint8(_chunked(self._vqvae().fn("decode"), vq, codes.astype(np.int32)))
 
-    def reconstruct(self, params, images):
+    def reconstruct(self, variables, images):
         """uint8 [N, H, W, C] -> uint8 [N, H, W, C] through the quantized codes."""
-        vq, _ = self._split(params)
+        vq, _ = self._split(variables)
         return images_to_uint8(_chunked(self._vqvae().fn("reconstruct"), vq,
                                         images_to_float(self.check_images(images))))
 
@@ -288,9 +348,9 @@ class VQVAETask(Task):
                             f"[{labels.min()}, {labels.max()}].")
         return labels.astype(np.int32)
 
-    def sample_codes(self, params, num: int, seed: int = 0, labels=None, temperature: float | None = None):
+    def sample_codes(self, variables, num: int, seed: int = 0, labels=None, temperature: float | None = None):
         """Code grids drawn from the prior: int32 [num, h, w]. temperature None: config.sampling's."""
-        _, prior_params = self._split(params)
+        _, prior_params = self._split(variables)
         num = int(num)
         if num < 1:
             raise DataError(f"num={num}: ask for at least one sample.")
@@ -304,7 +364,7 @@ class VQVAETask(Task):
                                     None if labels is None else jnp.asarray(labels), jnp.float32(t))
         return np.asarray(codes).reshape(num, self.grid, self.grid)  # raster order -> [num, h, w]
 
-    def sample(self, params, num, seed=0, labels=None, prompts=None, num_steps=None,
+    def sample(self, variables, num, seed=0, labels=None, prompts=None, num_steps=None,
                guidance_scale=None, scheduler=None, temperature=None):
         """``num`` images, uint8 [num, H, W, C]: codes from the prior (ancestral sampling at
         ``temperature``, None = config.sampling.temperature), decoded by the VQ-VAE.
@@ -318,7 +378,7 @@ class VQVAETask(Task):
                 raise DataError(f"a vqvae run samples one code per position with its prior: it takes "
                                 f"labels= (and temperature=, default config.sampling.temperature), not "
                                 f"{name}=.")
-        return self.decode(params, self.sample_codes(params, num, seed, labels, temperature))
+        return self.decode(variables, self.sample_codes(variables, num, seed, labels, temperature))
 
     # -- evaluation -------------------------------------------------------------------------
     def class_grid(self, samples: np.ndarray, labels: np.ndarray | None, per_class: int = 10) -> np.ndarray:
@@ -334,9 +394,9 @@ class VQVAETask(Task):
             rows.append(mine)
         return make_grid(np.concatenate(rows), ncol=per_class, upscale=up)
 
-    def prior_bits_per_code(self, params, codes: np.ndarray, labels: np.ndarray) -> float:
+    def prior_bits_per_code(self, variables, codes: np.ndarray, labels: np.ndarray) -> float:
         """The prior's mean cross-entropy in bits per code on code grids int [N, h, w]."""
-        _, prior_params = self._split(params)
+        _, prior_params = self._split(variables)
         fn = self.__dict__.setdefault("_nll_fn", jax.jit(
             lambda p, y, c: code_nll(self.prior.apply({"params": p}, y, c), c)))
         seqs = codes.reshape(len(codes), -1).astype(np.int32)  # [N, L]
@@ -370,8 +430,8 @@ class VQVAETask(Task):
             out[f"codebook_usage_{split}"] = float(used)
             out[f"codebook_perplexity_{split}"] = float(ppl)
         out["num_codes"] = k
-        out["prior_bits_per_code_train"] = self.prior_bits_per_code(run.params, c_train, train.labels)
-        out["prior_bits_per_code_test"] = self.prior_bits_per_code(run.params, c_test, test.labels)
+        out["prior_bits_per_code_train"] = self.prior_bits_per_code(run.variables, c_train, train.labels)
+        out["prior_bits_per_code_test"] = self.prior_bits_per_code(run.variables, c_test, test.labels)
         up = _upscale(test.images.shape[1])
         save_png(os.path.join(out_dir, "reconstructions.png"),
                  make_grid(np.concatenate([test.images[:16], recon[:16]]), ncol=16, upscale=up))
@@ -384,7 +444,7 @@ class VQVAETask(Task):
         out["by_temperature"] = {}
         for t in temps:
             t0 = time.perf_counter()
-            codes = self.sample_codes(run.params, n, EVAL_SEED, labels, t)
+            codes = self.sample_codes(run.variables, n, EVAL_SEED, labels, t)
             samples = run.decode(codes)
             seconds = time.perf_counter() - t0
             conf, ent = confidence_and_entropy(clf.probs(samples))
