@@ -68,3 +68,40 @@ def digits_autoencoder(latent_dim: int, skip: bool = False, dense: bool = False)
     c.optim.lr = 2e-3
     c.optim.warmup_steps = 100
     return c
+
+
+def mae_config(dataset: str, image_size: int, channels: int, patch_size: int,
+               probe_targets: tuple[str, ...]) -> ml_collections.ConfigDict:
+    """A masked-autoencoder run (task "mae", jaxgen.nn.mae:MaskedAutoencoder) on an embedded dataset."""
+    c = base_config()
+    c.task = "mae"
+    c.data = ml_collections.ConfigDict({"name": dataset, "train_split": "train", "eval_split": "test",
+                                        "data_dir": ""})
+    c.model_class = "jaxgen.nn.mae:MaskedAutoencoder"
+    c.model = ml_collections.ConfigDict({
+        "image_size": image_size, "in_channels": channels, "patch_size": patch_size,
+        "hidden_size": 64, "num_layers": 4, "num_heads": 4, "mlp_ratio": 4,
+        "decoder_hidden_size": 64, "decoder_num_layers": 2, "decoder_num_heads": 4,
+        "mask_ratio": 0.75, "pos_embed": "sincos", "hidden_act": "gelu"})
+    c.objective = ml_collections.ConfigDict({"norm_pix_loss": False})
+    c.eval = ml_collections.ConfigDict({"mask_draws": 4, "probe_targets": probe_targets})
+    c.update({"batch_size": 128, "total_steps": 4000, "checkpoint_every": 1000, "log_every": 100,
+              "image_every": 1000})
+    c.optim.update({"lr": 1e-3, "warmup_steps": 100, "weight_decay": 0.05})
+    c.ema.decay = 0.999
+    return c
+
+
+def skip_autoencoder(dataset: str, image_size: int, in_channels: int, channels: tuple[int, ...],
+                     objective: dict) -> ml_collections.ConfigDict:
+    """A skip-connected (U-Net style) convolutional autoencoder run without a dense code
+    (latent_dim 0) on any embedded dataset, for the applications: inpainting (objective corruption
+    "occlude") and colorization ("grey"). The digits autoencoder's fields, 2,000 steps of batch 64."""
+    c = digits_autoencoder(latent_dim=0, skip=True)
+    c.data.name = dataset
+    c.model.update({"image_size": image_size, "in_channels": in_channels, "channels": channels,
+                    "hidden_dim": 0})
+    c.objective = ml_collections.ConfigDict({"l1": 0.0, **objective})
+    c.batch_size = 64
+    c.total_steps = 2000
+    return c

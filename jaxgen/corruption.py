@@ -47,3 +47,54 @@ def corrupt(key: jax.Array, x: jax.Array, kind: str, *, sigma: float = 0.5, rho:
     if kind == "masking":
         return masking_noise(key, x, rho)
     raise ValueError(f"corruption kind {kind!r}: choose 'none', 'gaussian' or 'masking'")
+
+
+def num_kept_patches(num_patches: int, mask_ratio: float) -> int:
+    """How many of ``num_patches`` stay visible at ``mask_ratio``: round(N * (1 - ratio)), >= 1."""
+    if not 0.0 <= mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio={mask_ratio} must lie in [0, 1): at least one patch stays visible.")
+    return max(1, int(round(num_patches * (1.0 - mask_ratio))))
+
+
+def random_masking(key: jax.Array, n: int, num_patches: int, mask_ratio: float):
+    """Per-example random patch masks of fixed size (jittable): argsort of uniform noise.
+
+    Returns
+      ids_keep:    int32 [n, K], the visible patches of each example (K = num_kept_patches), in
+                   the shuffled order the encoder sees them;
+      ids_restore: int32 [n, N], the inverse permutation: position j of the unshuffled sequence
+                   is element ids_restore[:, j] of [kept tokens, mask tokens];
+      mask:        float32 [n, N], 1 = masked (hidden from the encoder), 0 = visible.
+    """
+    keep = num_kept_patches(num_patches, mask_ratio)
+    noise = jax.random.uniform(key, (n, num_patches))
+    ids_shuffle = jnp.argsort(noise, axis=1).astype(jnp.int32)     # [n, N] a random permutation per row
+    ids_restore = jnp.argsort(ids_shuffle, axis=1).astype(jnp.int32)  # its inverse
+    shuffled_mask = (jnp.arange(num_patches) >= keep).astype(jnp.float32)  # [N]: first K visible
+    mask = jnp.take_along_axis(jnp.broadcast_to(shuffled_mask, (n, num_patches)), ids_restore, axis=1)
+    return ids_shuffle[:, :keep], ids_restore, mask
+
+
+def occlude(key: jax.Array, x: jax.Array, min_size: int, max_size: int, fill: float = 0.0):
+    """Hide one random rectangle per image (``random_rectangles``) behind the value ``fill``.
+
+    x: [B, H, W, C] in [-1, 1]. Returns (occluded x, hole float32 [B, H, W, 1], 1 = hidden).
+    fill 0.0 is mid-grey, a value the pure-colour shapes never take, so the hole is visible.
+    """
+    hole = random_rectangles(key, x.shape, min_size, max_size)
+    return jnp.where(hole > 0, jnp.asarray(fill, x.dtype), x), hole
+
+
+# ITU-R BT.601 luma weights (R, G, B): the grey value a colour image is reduced to.
+LUMA = (0.299, 0.587, 0.114)
+
+
+def to_grey(x: jax.Array) -> jax.Array:
+    """Luminance of RGB images replicated to 3 channels: [B, H, W, 3] -> [B, H, W, 3].
+
+    Linear in the pixel values, so it holds in [-1, 1] and in [0, 1] alike.
+    """
+    if x.shape[-1] != 3:
+        raise ValueError(f"to_grey takes RGB images [..., 3], got {x.shape}")
+    y = x[..., 0:1] * LUMA[0] + x[..., 1:2] * LUMA[1] + x[..., 2:3] * LUMA[2]
+    return jnp.broadcast_to(y, x.shape)

@@ -36,3 +36,28 @@ def masked_mse(pred: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array
     mask = jnp.broadcast_to(mask, pred.shape).astype(jnp.float32)
     err = (pred.astype(jnp.float32) - target.astype(jnp.float32)) ** 2
     return jnp.sum(err * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def normalize_patches(patches: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """Each patch standardised by its own mean and variance (MAE's norm_pix_loss target).
+
+    patches: [B, N, P] -> [B, N, P] float32; a constant patch becomes zeros.
+    """
+    p = patches.astype(jnp.float32)
+    mean = jnp.mean(p, axis=-1, keepdims=True)
+    var = jnp.var(p, axis=-1, keepdims=True)
+    return (p - mean) / jnp.sqrt(var + eps)
+
+
+def masked_patch_loss(pred: jax.Array, patches: jax.Array, mask: jax.Array,
+                      norm_pix: bool = False) -> jax.Array:
+    """MAE loss: per-patch MSE averaged over the masked patches only.
+
+    pred, patches: [B, N, P] (P = p*p*C pixel values per patch); mask: [B, N], 1 = masked.
+    norm_pix: compare against each target patch standardised by its own statistics
+    (``normalize_patches``) instead of the raw pixels. Visible patches do not contribute.
+    """
+    target = normalize_patches(patches) if norm_pix else patches.astype(jnp.float32)
+    per_patch = jnp.mean((pred.astype(jnp.float32) - target) ** 2, axis=-1)  # [B, N]
+    mask = mask.astype(jnp.float32)
+    return jnp.sum(per_patch * mask) / jnp.maximum(jnp.sum(mask), 1.0)

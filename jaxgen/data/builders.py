@@ -1,4 +1,5 @@
-"""TFDS builders of the embedded datasets (registered as ``jaxgen_digits`` and ``jaxgen_shapes``).
+"""TFDS builders of the embedded datasets (registered as ``jaxgen_digits``, ``jaxgen_shapes`` and
+``jaxgen_photos``).
 
 They prepare offline and without TensorFlow: every feature is a ``Tensor``, ``ClassLabel`` or
 ``Text`` (no ``Image`` feature, whose PNG encoding needs TensorFlow) and the files are ArrayRecord,
@@ -12,7 +13,7 @@ import dataclasses
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jaxgen.data import digits, shapes
+from jaxgen.data import digits, photos, shapes
 
 
 class JaxgenDigits(tfds.core.GeneratorBasedBuilder):
@@ -116,3 +117,39 @@ class JaxgenShapes(tfds.core.GeneratorBasedBuilder):
             example = {a: int(data[a][j]) for a in ("label",) + shapes.ATTRIBUTES}
             yield j, {**example, "image": data["image"][j], "jitter": data["jitter"][j],
                       "caption": data["caption"][j], "index": j}
+
+
+class JaxgenPhotos(tfds.core.GeneratorBasedBuilder):
+    """32x32 patches of scikit-learn's two sample photographs; see ``jaxgen.data.photos``.
+
+    Features: image uint8 [32, 32, 3], label ClassLabel(china, flower), top and left int32 (the
+    patch's position in its photo), index int32. Splits: train 4,096 and test 512 patches, cut
+    from disjoint column ranges of the photos.
+    """
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "First release."}
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="Random 32x32 patches of scikit-learn's china.jpg and flower.jpg, train and test "
+                        "cut from disjoint regions.",
+            features=tfds.features.FeaturesDict({
+                "image": tfds.features.Tensor(shape=photos.IMAGE_SHAPE, dtype=np.uint8),
+                "label": tfds.features.ClassLabel(names=list(photos.PHOTOS)),
+                "top": tfds.features.Scalar(dtype=np.int32),
+                "left": tfds.features.Scalar(dtype=np.int32),
+                "index": tfds.features.Scalar(dtype=np.int32),
+            }),
+            supervised_keys=("image", "label"),
+        )
+
+    def _split_generators(self, dl_manager):
+        return {split: self._generate_examples(split) for split in photos.SPLITS}
+
+    def _generate_examples(self, split):
+        data = photos.generate_split(split)
+        for j in range(len(data["label"])):
+            yield j, {k: data[k][j] if k == "image" else int(data[k][j])
+                      for k in ("image", "label", "top", "left", "index")}

@@ -2,12 +2,13 @@
 
 Names:
 
-- ``"digits"``, ``"shapes"``: jaxgen's embedded datasets (``jaxgen.data.digits``,
-  ``jaxgen.data.shapes``). Prepared on first use, offline and without TensorFlow, by the TFDS
-  builders in ``jaxgen.data.builders`` into ``data_dir`` (default: ``$JAXGEN_DATA_DIR``, else
-  ``~/.cache/jaxgen/tensorflow_datasets``, so jaxgen's own data stay out of the user's TFDS
-  directory); later calls read the prepared ArrayRecord files. Preparation holds a file lock in
-  ``data_dir``, so processes sharing it (several hosts, parallel tests) prepare once.
+- ``"digits"``, ``"shapes"``, ``"photos"``: jaxgen's embedded datasets (``jaxgen.data.digits``,
+  ``jaxgen.data.shapes``, ``jaxgen.data.photos``). Prepared on first use, offline and without
+  TensorFlow, by the TFDS builders in ``jaxgen.data.builders`` into ``data_dir`` (default:
+  ``$JAXGEN_DATA_DIR``, else ``~/.cache/jaxgen/tensorflow_datasets``, so jaxgen's own data stay
+  out of the user's TFDS directory); later calls read the prepared ArrayRecord files.
+  Preparation holds a file lock in ``data_dir``, so processes sharing it (several hosts,
+  parallel tests) prepare once.
 - ``"folder:/path"``: an image folder (``jaxgen.data.folder``); ``data_dir`` is not used.
 - any other name: a TFDS dataset (``"mnist"``, ``"cifar10"``, ``"mnist:3.0.1"``, ...) already
   prepared in ``data_dir`` (default: ``$JAXGEN_DATA_DIR``, else TFDS's own default,
@@ -25,11 +26,11 @@ import os
 
 import numpy as np
 
-from jaxgen.data import digits, shapes
+from jaxgen.data import digits, photos, shapes
 from jaxgen.data.dataset import ArrayDataset
 from jaxgen.errors import DataError
 
-EMBEDDED = ("digits", "shapes")
+EMBEDDED = ("digits", "shapes", "photos")
 FOLDER_PREFIX = "folder:"
 DEFAULT_MAX_BYTES = 8 * 2**30  # refuse to hold more than this many image bytes in memory
 _READ_CHUNK = 4096  # examples decoded per data-source call
@@ -51,7 +52,7 @@ def tfds_data_dir() -> str:
 def load_dataset(name: str, split: str, data_dir: str | None = None, **options) -> ArrayDataset:
     """Load a dataset split into memory.
 
-    name: "digits" | "shapes" | "folder:/path/to/images" | a TFDS name prepared in data_dir.
+    name: "digits" | "shapes" | "photos" | "folder:/path/to/images" | a TFDS name prepared in data_dir.
     split: "train" | "test"; shapes also "heldout" (its 18 held-out attribute combinations);
       TFDS split strings ("validation", "train[:10%]") pass through to TFDS.
     data_dir: see the module docstring for the defaults.
@@ -64,7 +65,8 @@ def load_dataset(name: str, split: str, data_dir: str | None = None, **options) 
         cap, default 8 GiB).
     Returns an ArrayDataset: images uint8 [N, H, W, C]; digits [N, 8, 8, 1] with labels 0-9 and
     captions; shapes [N, 32, 32, 3] with labels = combination index (180 classes), captions and
-    attributes shape/color/size/position; folders [N, H, W, 3] with captions if metadata.jsonl
+    attributes shape/color/size/position; photos [N, 32, 32, 3] with labels = photo (china 0,
+    flower 1) and attributes top/left (4,096 train, 512 test patches); folders [N, H, W, 3] with captions if metadata.jsonl
     exists; TFDS datasets their "image" feature, "label" (ClassLabel) and "caption"/"text" (Text)
     when present. Raises DataError for unknown names/splits/options and missing data.
     """
@@ -81,6 +83,9 @@ def load_dataset(name: str, split: str, data_dir: str | None = None, **options) 
     if name == "shapes":
         _check_options(name, options, ("seed", "num_examples"))
         return _load_shapes(split, data_dir or default_data_dir(), **options)
+    if name == "photos":
+        _check_options(name, options, ())
+        return _load_photos(split, data_dir or default_data_dir())
     _check_options(name, options, ("resolution", "max_bytes"))
     return _load_tfds(name, split, data_dir or tfds_data_dir(), **options)
 
@@ -112,7 +117,7 @@ def _file_lock(path: str):
 def prepare_embedded(name: str, data_dir: str | None = None, *, seed: int = 0, num_examples: dict | None = None):
     """Prepare (once) and return the TFDS builder of an embedded dataset.
 
-    name: "digits" or "shapes"; seed, num_examples ({split: count}): shapes only.
+    name: "digits", "shapes" or "photos"; seed, num_examples ({split: count}): shapes only.
     Returns a prepared ``tfds.core.DatasetBuilder`` (ArrayRecord files in data_dir).
     """
     import tensorflow_datasets as tfds
@@ -120,10 +125,11 @@ def prepare_embedded(name: str, data_dir: str | None = None, *, seed: int = 0, n
     from jaxgen.data import builders
 
     data_dir = data_dir or default_data_dir()
-    if name == "digits":
+    if name in ("digits", "photos"):
         if seed != 0 or num_examples:
-            raise DataError("digits has a fixed split; seed and num_examples are options of 'shapes' only")
-        cls, config, lock_name = builders.JaxgenDigits, None, ".jaxgen_digits.lock"
+            raise DataError(f"{name} has a fixed split; seed and num_examples are options of 'shapes' only")
+        cls = builders.JaxgenDigits if name == "digits" else builders.JaxgenPhotos
+        config, lock_name = None, f".jaxgen_{name}.lock"
     elif name == "shapes":
         cls, config = builders.JaxgenShapes, builders.ShapesConfig.make(seed, num_examples)
         lock_name = f".jaxgen_shapes-{config.name}.lock"
@@ -187,6 +193,22 @@ def _load_digits(split: str, data_dir: str) -> ArrayDataset:
         split=split,
         num_classes=digits.NUM_CLASSES,
         class_names=digits.DIGIT_WORDS,
+    )
+
+
+def _load_photos(split: str, data_dir: str) -> ArrayDataset:
+    builder = prepare_embedded("photos", data_dir)
+    examples = _ordered(_read_all(builder, split, "photos"))
+    if not examples:
+        raise DataError(f"photos split {split!r} is empty")
+    return ArrayDataset(
+        images=np.stack([e["image"] for e in examples]),
+        labels=np.asarray([e["label"] for e in examples], np.int32),
+        attributes={a: np.asarray([e[a] for e in examples], np.int32) for a in ("top", "left")},
+        name="photos",
+        split=split,
+        num_classes=len(photos.PHOTOS),
+        class_names=photos.PHOTOS,
     )
 
 

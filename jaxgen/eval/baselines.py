@@ -39,3 +39,36 @@ def auroc(scores_normal: np.ndarray, scores_anomalous: np.ndarray) -> float:
 
     y = np.concatenate([np.zeros(len(scores_normal)), np.ones(len(scores_anomalous))])
     return float(roc_auc_score(y, np.concatenate([scores_normal, scores_anomalous])))
+
+
+def linear_probe_accuracy(train_x, train_y, test_x, test_y, max_iter: int = 2000) -> float:
+    """Test accuracy of a multinomial logistic regression (L2, C=1) on standardised features.
+
+    train_x: [N, D] features (or flattened pixels), train_y: int [N]; test_x, test_y likewise.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(train_x)
+    clf = LogisticRegression(max_iter=max_iter).fit(scaler.transform(train_x), train_y)
+    return float(clf.score(scaler.transform(test_x), test_y))
+
+
+def blurred_fill(images: np.ndarray, holes: np.ndarray, sigma: float) -> np.ndarray:
+    """Fill holes by a normalised Gaussian blur of the visible pixels (normalised convolution).
+
+    images: float [N, H, W, C]; holes: [N, H, W, 1] (1 = hidden). Each hidden pixel becomes
+    G*(x·v) / G*v with v = 1 - holes and G a Gaussian of std ``sigma`` px over (H, W) (zero
+    outside the image); visible pixels are kept. Where G*v underflows (a hole far wider than
+    sigma) the mean visible value of that image is used. A constant image is returned unchanged.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    x = np.asarray(images, np.float64)
+    v = 1.0 - np.asarray(holes, np.float64)
+    s = (0, sigma, sigma, 0)
+    num = gaussian_filter(x * v, s, mode="constant")
+    den = gaussian_filter(np.broadcast_to(v, x.shape), s, mode="constant")
+    visible_mean = (x * v).sum((1, 2), keepdims=True) / np.maximum(v.sum((1, 2), keepdims=True), 1.0)
+    fill = np.where(den > 1e-8, num / np.maximum(den, 1e-8), visible_mean)
+    return np.where(v > 0, x, fill)

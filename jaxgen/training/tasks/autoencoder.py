@@ -2,8 +2,14 @@
 
 Objectives (config.objective): corruption "none" | "gaussian" (sigma) | "masking" (rho) of the
 input with the clean image as target (denoising); l1 > 0 adds an L1 penalty on the code (sparse).
+Two applications change what the input is and where the loss is taken:
+  "occlude" (inpainting): one random rectangle per image (sides in [occluder_min, occluder_max]
+      px) is replaced by ``fill``; the loss is the MSE on the hidden rectangle only, and the
+      restored image keeps the visible pixels (``inpaint``);
+  "grey" (colorization): the input is the image's luminance (BT.601) in all three channels, the
+      target the colour image; MSE over all pixels (``colorize``).
 config.data.exclude_labels drops digits from training (anomaly detection: they are scored by
-reconstruction error at evaluation).
+reconstruction error at evaluation, jaxgen.eval.anomaly).
 """
 from __future__ import annotations
 
@@ -15,8 +21,10 @@ import numpy as np
 
 from jaxgen import corruption, losses
 from jaxgen.data.pipeline import images_to_float, images_to_uint8
+from jaxgen.errors import ConfigError
 from jaxgen.eval import baselines
-from jaxgen.eval.images import make_grid, save_png
+from jaxgen.eval.anomaly import anomaly_report, per_image_mse
+from jaxgen.eval.images import make_grid, save_png, spread_indices
 from jaxgen.training.tasks.base import Task
 
 EVAL_KEY = 1234  # fixed corruption noise at evaluation
@@ -35,23 +43,34 @@ class AutoencoderTask(Task):
     def objective(self):
         return self.config.get("objective", {"corruption": "none", "sigma": 0.5, "rho": 0.3, "l1": 0.0})
 
-    def batch_arrays(self, ds):
-        arrays = super().batch_arrays(ds)
-        exclude = tuple(self.config.data.get("exclude_labels", ()) or ())
-        if exclude and "label" in arrays:
-            keep = ~np.isin(arrays["label"], exclude)
-            arrays = {k: v[keep] for k, v in arrays.items()}
-        return arrays
-
     def corrupt(self, key, x):
         o = self.objective
         return corruption.corrupt(key, x, o["corruption"], sigma=o.get("sigma", 0.5), rho=o.get("rho", 0.3))
 
+    def occlude(self, key, x):
+        """x [B, H, W, C] in [-1, 1] -> (occluded x, hole [B, H, W, 1]) with the objective's sizes."""
+        o = self.objective
+        lo, hi, size = int(o.get("occluder_min", 0)), int(o.get("occluder_max", 0)), self.model.image_size
+        if not 1 <= lo <= hi <= size:
+            raise ConfigError(f"objective.occluder_min={lo} / occluder_max={hi}: need 1 <= min <= max <= "
+                              f"image_size={size}.")
+        return corruption.occlude(key, x, lo, hi, float(o.get("fill", 0.0)))
+
+    def model_input(self, key, x):
+        """(input, loss region or None) of the objective for clean images x in [-1, 1]."""
+        kind = self.objective["corruption"]
+        if kind == "occlude":
+            return self.occlude(key, x)
+        if kind == "grey":
+            return corruption.to_grey(x), None
+        return self.corrupt(key, x), None
+
     def loss_fn(self, params, batch, key):
         x = images_to_float(batch["image"])  # uint8 [B, H, W, C] -> [-1, 1]
         dtype = jax.tree_util.tree_leaves(params)[0].dtype
-        recon, code = self.model.apply({"params": params}, self.corrupt(key, x).astype(dtype))
-        mse = losses.mse(recon, x)
+        xin, region = self.model_input(key, x)
+        recon, code = self.model.apply({"params": params}, xin.astype(dtype))
+        mse = losses.mse(recon, x) if region is None else losses.masked_mse(recon, x, region)
         metrics = {"mse": mse}
         loss = mse
         l1 = self.objective.get("l1", 0.0)
@@ -89,6 +108,20 @@ class AutoencoderTask(Task):
         """float [N, H, W, C] (corrupted, any range) -> float [N, H, W, C] in model space."""
         return self._apply(params, np.asarray(x, np.float32), "reconstruct")
 
+    def inpaint(self, params, images, holes):
+        """Restore hidden rectangles: uint8 [N, H, W, C] and holes [N, H, W, 1] (1 = hidden) ->
+        uint8 [N, H, W, C], the visible pixels kept and the holes filled by the model."""
+        x = images_to_float(self.check_images(images))
+        holes = np.asarray(holes, np.float32)
+        fill = float(self.objective.get("fill", 0.0))
+        out = self.denoise(params, np.where(holes > 0, fill, x))
+        return images_to_uint8(np.where(holes > 0, out, x))
+
+    def colorize(self, params, images):
+        """uint8 RGB [N, H, W, 3] (only their luminance is used) -> uint8 RGB [N, H, W, 3]."""
+        x = images_to_float(self.check_images(images))
+        return images_to_uint8(self.denoise(params, np.asarray(corruption.to_grey(jnp.asarray(x)))))
+
     def sample_codes(self, run, num: int, seed: int = 0) -> np.ndarray:
         """Decode ``num`` codes drawn from a Gaussian fitted to the test set's codes: uint8 [num, H, W, C]."""
         codes = run.encode(self.load_data(self.config.data.eval_split).images)
@@ -98,23 +131,34 @@ class AutoencoderTask(Task):
 
     # -- previews and evaluation ------------------------------------------------------------
     def preview(self, params, batch):
+        """Images over their reconstructions (inpainting: restorations; colorization: colorized)."""
         images = np.asarray(jax.device_get(batch["image"]))[:16]
-        recon = self.reconstruct(params, images)
-        return make_grid(np.concatenate([images, recon]), ncol=len(images), upscale=_upscale(images))
+        kind = self.objective["corruption"]
+        if kind == "occlude":
+            _, holes = self.occlude(jax.random.key(EVAL_KEY), jnp.asarray(images_to_float(images)))
+            out = self.inpaint(params, images, np.asarray(holes))
+        elif kind == "grey":
+            out = self.colorize(params, images)
+        else:
+            out = self.reconstruct(params, images)
+        return make_grid(np.concatenate([images, out]), ncol=len(images), upscale=_upscale(images))
 
     def evaluate(self, run, out_dir):
+        kind = self.objective["corruption"]
+        if kind == "occlude":
+            return self.evaluate_inpainting(run, out_dir)
+        if kind == "grey":
+            return self.evaluate_colorization(run, out_dir)
         train, test = self.load_data(self.config.data.train_split), self.load_data(self.config.data.eval_split)
         exclude = tuple(self.config.data.get("exclude_labels", ()) or ())
         normal = ~np.isin(test.labels, exclude) if (exclude and test.labels is not None) else np.ones(len(test), bool)
         recon = run.reconstruct(test.images)
-        err = np.mean((recon.astype(np.float64) / 255 - test.images.astype(np.float64) / 255) ** 2, axis=(1, 2, 3))
+        err = per_image_mse(recon, test.images)
         out = {"test_mse": float(err[normal].mean())}
         save_png(os.path.join(out_dir, "reconstructions.png"),
                  make_grid(np.concatenate([test.images[:16], recon[:16]]), ncol=16, upscale=_upscale(test.images)))
         if exclude:
-            out["anomaly_digits"] = list(exclude)
-            out["anomaly_auroc"] = baselines.auroc(err[normal], err[~normal])
-            out["anomaly_mse"] = float(err[~normal].mean())
+            out.update(anomaly_report(err, test.labels, exclude))
         latent = getattr(self.model, "latent_dim", 0)
         if latent and not getattr(self.model, "skip", False) and not exclude:
             ztr, zte = run.encode(train.images), run.encode(test.images)
@@ -125,7 +169,7 @@ class AutoencoderTask(Task):
                 out["pca_knn5_accuracy"] = baselines.knn_accuracy(ptr, train.labels, pte, test.labels)
                 if latent == 2:
                     scatter_png(os.path.join(out_dir, "codes_scatter.png"), zte, pte, test.labels)
-        if self.objective["corruption"] != "none":
+        if kind != "none":
             out.update(self.evaluate_denoising(run, test.images, out_dir))
         if self.objective.get("l1", 0.0):
             codes = np.abs(run.encode(test.images)).reshape(len(test), -1)
@@ -147,6 +191,68 @@ class AutoencoderTask(Task):
             rows.append(images_to_uint8(cur))
         save_png(os.path.join(out_dir, "iterated_denoising.png"),
                  make_grid(np.concatenate(rows), ncol=8, upscale=_upscale(images)))
+        return out
+
+
+    def evaluate_inpainting(self, run, out_dir, sigmas=(1.0, 2.0, 4.0)) -> dict:
+        """Hidden-region MSE on [0, 1] pixels of the test split (one fixed rectangle per image)
+        against filling the hole by a normalised Gaussian blur of the visible pixels (the best of
+        ``sigmas``) and by the fill value itself; a PNG of examples."""
+        test = self.load_data(self.config.data.eval_split)
+        x = images_to_float(test.images)
+        _, holes = self.occlude(jax.random.key(EVAL_KEY), jnp.asarray(x))
+        holes = np.asarray(holes)
+        restored = self.inpaint(run.params, test.images, holes)
+        to01 = lambda a: (np.asarray(a, np.float64) + 1.0) / 2.0
+        truth = to01(x)
+        hole_mse = lambda img01: float(np.sum((img01 - truth) ** 2 * holes) / (holes.sum() * truth.shape[-1]))
+        out = {"hole_mse": hole_mse(restored / 255.0),
+               "hole_fraction": float(holes.mean()),
+               "fill_value_mse": hole_mse(np.broadcast_to(to01(self.objective.get("fill", 0.0)), truth.shape))}
+        blur = {s: baselines.blurred_fill(truth, holes, s) for s in sigmas}
+        errs = {s: hole_mse(b) for s, b in blur.items()}
+        best = min(errs, key=errs.get)
+        out.update({f"blurred_fill_mse_sigma{s:g}": e for s, e in errs.items()})
+        out.update(blurred_fill_mse=errs[best], blurred_fill_sigma=best,
+                   ratio_to_blurred_fill=out["hole_mse"] / errs[best],
+                   target_beats_blurred_fill_met=bool(out["hole_mse"] < errs[best]))
+        pick = spread_indices(len(x))
+        occluded = images_to_uint8(np.where(holes > 0, self.objective.get("fill", 0.0), x))
+        rows = [test.images[pick], occluded[pick], restored[pick], np.round(blur[best][pick] * 255).astype(np.uint8)]
+        save_png(os.path.join(out_dir, "inpainting.png"),
+                 make_grid(np.concatenate(rows), ncol=16, upscale=2 * _upscale(test.images)))
+        return out
+
+    def evaluate_colorization(self, run, out_dir, lut_bins: int = 64) -> dict:
+        """Colour MSE on [0, 1] RGB of the test split, against three references: the training
+        set's mean colour (one RGB value for every pixel), the grey input taken as a colour image,
+        and a luminance lookup table (the mean training colour of each of ``lut_bins`` luminance
+        bins, pixel by pixel: the best any context-free colorizer can do); a side-by-side PNG."""
+        train, test = self.load_data(self.config.data.train_split), self.load_data(self.config.data.eval_split)
+        if test.images.shape[-1] != 3:
+            raise ConfigError("colorization (objective.corruption='grey') needs an RGB dataset.")
+        pred = self.colorize(run.params, test.images)
+        f01 = lambda a: np.asarray(a, np.float64) / 255.0
+        truth = f01(test.images)
+        err = lambda img01: float(np.mean((img01 - truth) ** 2))
+        luma = lambda img01: np.clip(img01 @ np.asarray(corruption.LUMA), 0.0, 1.0)       # [N, H, W]
+        tr = f01(train.images)
+        bins_tr = np.minimum((luma(tr) * lut_bins).astype(int), lut_bins - 1).reshape(-1)
+        counts = np.bincount(bins_tr, minlength=lut_bins)[:, None]
+        sums = np.stack([np.bincount(bins_tr, tr[..., c].reshape(-1), lut_bins) for c in range(3)], 1)
+        lut = np.where(counts > 0, sums / np.maximum(counts, 1), tr.reshape(-1, 3).mean(0))  # [bins, 3]
+        bins_te = np.minimum((luma(truth) * lut_bins).astype(int), lut_bins - 1)
+        grey = np.repeat(luma(truth)[..., None], 3, axis=-1)
+        out = {"colour_mse": err(f01(pred)),
+               "mean_colour_mse": err(np.broadcast_to(tr.reshape(-1, 3).mean(0), truth.shape)),
+               "grey_input_mse": err(grey),
+               "luminance_lut_mse": err(lut[bins_te])}
+        out["ratio_to_mean_colour"] = out["colour_mse"] / out["mean_colour_mse"]
+        out["target_beats_mean_colour_met"] = bool(out["colour_mse"] < out["mean_colour_mse"])
+        pick = spread_indices(len(truth))
+        rows = [np.round(grey[pick] * 255).astype(np.uint8), pred[pick], test.images[pick]]
+        save_png(os.path.join(out_dir, "colorization.png"),
+                 make_grid(np.concatenate(rows), ncol=16, upscale=2 * _upscale(test.images)))
         return out
 
 
@@ -191,6 +297,9 @@ class VAETask(AutoencoderTask):
                "test_neg_elbo_nats": self.neg_elbo(run.params, test.images)}
         clf = PixelClassifier(train.images, train.labels)
         out["classifier_test_accuracy"] = float(np.mean(clf.predict(test.images) == test.labels))
+        exclude = tuple(self.config.data.get("exclude_labels", ()) or ())
+        if exclude:
+            out.update(anomaly_report(per_image_mse(recon, test.images), test.labels, exclude))
         samples = run.sample(1000, seed=0)
         conf, ent = confidence_and_entropy(clf.probs(samples))
         out.update(sample_confidence=conf, sample_class_entropy=ent)
