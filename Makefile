@@ -1,4 +1,5 @@
-# make demo: set up .venv, train the 2-D digits autoencoder and the VAE, evaluate them, write images under runs/.
+# make demo: set up .venv, train the text-to-image latent diffusion demo on shapes (or reuse the finished run),
+#            write a prompt -> image grid under runs/.
 # make test: set up .venv with the test extra and run the suite.
 PYTHON ?= python3
 VENV := .venv
@@ -22,15 +23,17 @@ $(VENV)/.installed-test: pyproject.toml
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
+DEMO_RUN := runs/shapes_ldm_demo
+DEMO_PROMPTS := --prompt "a large red circle on the left" --prompt "a small blue square at the top" \
+	--prompt "a large green triangle in the center" --prompt "a small yellow circle on the right" \
+	--prompt "a large magenta square at the bottom" --prompt "a small cyan triangle in the center"
+
 demo: $(VENV)/.installed
-	$(PY) -m train --config configs/digits_ae.py --workdir runs/digits_ae
-	$(PY) -m train.eval --workdir runs/digits_ae
-	$(PY) -m train --config configs/digits_vae.py --workdir runs/digits_vae
-	$(PY) -m train.eval --workdir runs/digits_vae
-	$(PY) -m train.sample --workdir runs/digits_vae --num 64 --out runs/digits_vae/samples.png
-	@echo "demo done. 2-D autoencoder vs PCA: runs/digits_ae/eval.json, runs/digits_ae/eval/codes_scatter.png,"
-	@echo "  runs/digits_ae/eval/reconstructions.png; VAE: runs/digits_vae/eval.json, runs/digits_vae/samples.png,"
-	@echo "  runs/digits_vae/eval/{samples,interpolations,reconstructions}.png"
+	$(PY) -m train --config configs/shapes_ldm.py:demo --workdir $(DEMO_RUN)
+	$(PY) -m train.sample --workdir $(DEMO_RUN) --per_prompt 8 --out $(DEMO_RUN)/demo_prompts.png \
+		$(DEMO_PROMPTS)
+	@echo "demo done: text-to-image samples (one row per prompt) in $(DEMO_RUN)/demo_prompts.png;"
+	@echo "  the run (autoencoder, text encoder, U-Net) in $(DEMO_RUN). More: docs/LDM.md."
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -n 2 --dist loadfile tests

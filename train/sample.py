@@ -1,9 +1,10 @@
 """python -m train.sample --workdir DIR --num N --out FILE(.png|.npz) [--labels ...] [--prompt TEXT]
-                          [--steps S] [--guidance G] [--scheduler CLASSNAME] [--seed S]
+                         [--per_prompt K] [--steps S] [--guidance G] [--scheduler CLASSNAME] [--seed S]
 
 Generates N images from a generative run (uint8 NHWC): a PNG grid, or an .npz with
 ``images`` (and ``labels`` / ``prompts`` when given). For an autoencoder run, decodes N random
-codes drawn from the spread of the test set's codes.
+codes drawn from the spread of the test set's codes. --prompt may be repeated; with --per_prompt K
+each prompt gets K images (--num is then K * prompts) and a .png is one labelled row per prompt.
 
 --workdir may also be a diffusers Stable Diffusion folder (it holds model_index.json): then
 jaxgen.StableDiffusionPipeline generates one image per prompt (--prompt is required; one prompt
@@ -25,6 +26,8 @@ flags.DEFINE_integer("num", 16, "number of images")
 flags.DEFINE_string("out", None, "output file: .png (grid) or .npz")
 flags.DEFINE_list("labels", None, "class labels, one per image or one for all")
 flags.DEFINE_multi_string("prompt", None, "text prompt(s), one per image or one for all")
+flags.DEFINE_integer("per_prompt", 0, "images per --prompt (then --num is ignored); with a .png --out, "
+                     "one labelled row per prompt")
 flags.DEFINE_integer("steps", None, "sampling steps (default: the config's)")
 flags.DEFINE_float("guidance", None, "classifier-free guidance scale (default: the config's)")
 flags.DEFINE_string("scheduler", None, "scheduler class name, e.g. DDIMScheduler (default: the config's)")
@@ -42,6 +45,10 @@ def main(argv):
     F = flags.FLAGS
     if not F.out.endswith((".png", ".npz")):
         raise app.UsageError("--out must end in .png or .npz")
+    if F.per_prompt:
+        if F.per_prompt < 0 or not F.prompt:
+            raise app.UsageError("--per_prompt K takes K >= 1 images for each --prompt; pass --prompt")
+        F.num = F.per_prompt * len(F.prompt)
     try:
         if os.path.isfile(os.path.join(F.workdir, "model_index.json")):
             images, prompts = _pipeline_sample(F)
@@ -52,9 +59,7 @@ def main(argv):
         if F.labels:
             labels = np.asarray([int(v) for v in F.labels], np.int32)
             labels = np.resize(labels, F.num) if len(labels) == 1 else labels
-        prompts = None
-        if F.prompt:
-            prompts = list(F.prompt) * F.num if len(F.prompt) == 1 else list(F.prompt)
+        prompts = _prompts(F) if F.prompt else None
         if hasattr(run.task, "sample"):
             images = run.sample(F.num, seed=F.seed, labels=labels, prompts=prompts, num_steps=F.steps,
                                 guidance_scale=F.guidance, scheduler=F.scheduler)
@@ -77,7 +82,7 @@ def _pipeline_sample(F):
     if F.labels:
         raise app.UsageError("--labels are for class-conditional runs; a Stable Diffusion folder "
                              "takes --prompt")
-    prompts = list(F.prompt) * F.num if len(F.prompt) == 1 else list(F.prompt)
+    prompts = _prompts(F)
     if len(prompts) != F.num:
         raise app.UsageError(f"{len(prompts)} prompts for --num={F.num}: pass one prompt, or --num of them")
     pipe = jaxgen.StableDiffusionPipeline.from_pretrained(F.workdir)
@@ -87,11 +92,21 @@ def _pipeline_sample(F):
     return np.round(images * 255).astype(np.uint8), prompts
 
 
+def _prompts(F) -> list[str]:
+    """One prompt per image: each --prompt --per_prompt times, or one --prompt for all --num, or
+    the --prompt list as given."""
+    if F.per_prompt:
+        return [p for p in F.prompt for _ in range(F.per_prompt)]
+    return list(F.prompt) * F.num if len(F.prompt) == 1 else list(F.prompt)
+
+
 def _save(F, images, labels, prompts):
-    from jaxgen.eval.images import make_grid, save_png
+    from jaxgen.eval.images import make_grid, prompt_grid_png, save_png
 
     os.makedirs(os.path.dirname(os.path.abspath(F.out)), exist_ok=True)
-    if F.out.endswith(".png"):
+    if F.out.endswith(".png") and F.per_prompt:
+        prompt_grid_png(F.out, list(F.prompt), images, per_prompt=F.per_prompt)
+    elif F.out.endswith(".png"):
         save_png(F.out, make_grid(images, ncol=min(F.num, 8), upscale=4 if images.shape[1] < 16 else 1))
     else:
         extra = {k: v for k, v in (("labels", labels), ("prompts", prompts)) if v is not None}

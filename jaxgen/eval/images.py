@@ -37,3 +37,33 @@ def save_png(path: str, image: np.ndarray) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     Image.fromarray(image).save(path)
     return path
+
+
+def prompt_grid_png(path: str, prompts: list[str], images: np.ndarray, per_prompt: int) -> str:
+    """A PNG with one row per prompt: the prompt's text, then its ``per_prompt`` images.
+    images: uint8 [len(prompts) * per_prompt, H, W, C], prompt-major."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = len(prompts)
+    fig, axes = plt.subplots(rows, per_prompt + 1, figsize=(1.1 * per_prompt + 3.2, 1.1 * rows),
+                             gridspec_kw={"width_ratios": [3] + [1] * per_prompt}, squeeze=False)
+    for r, prompt in enumerate(prompts):
+        axes[r, 0].text(1.0, 0.5, prompt, ha="right", va="center", fontsize=8)
+        axes[r, 0].axis("off")
+        for c in range(per_prompt):
+            axes[r, c + 1].imshow(images[r * per_prompt + c], interpolation="nearest")
+            axes[r, c + 1].axis("off")
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.99, bottom=0.01, wspace=0.05, hspace=0.05)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def spread_indices(n: int, k: int = 16) -> np.ndarray:
+    """int [min(k, n)] indices spread evenly over range(n): examples for a figure from a split
+    that is sorted (e.g. shapes by attribute combination)."""
+    return np.unique(np.linspace(0, n - 1, min(k, n)).round().astype(int))

@@ -13,6 +13,8 @@ TASKS: dict[str, str] = {
     "vae": "jaxgen.training.tasks.autoencoder:VAETask",
     "clip": "jaxgen.training.tasks.clip:ClipTask",
     "diffusion": "jaxgen.training.tasks.diffusion:DiffusionTask",
+    "ldm": "jaxgen.training.tasks.ldm:LDMTask",
+    "mae": "jaxgen.training.tasks.mae:MAETask",
     "vqvae": "jaxgen.training.tasks.vqvae:VQVAETask",
 }
 
