@@ -67,14 +67,14 @@ def _plain(value):
     return value
 
 
-class DiffusionTask(Task):
-    """Trains ``UNet2DModel(x_t, t, class_labels)`` as a DDPM; ``sample`` runs any scheduler."""
+class TrainingScheduleMixin:
+    """The schedule-dependent pieces shared by the diffusion tasks (DiffusionTask, the ldm task's
+    LDMTask). The task sets ``config`` (with ``diffusion`` and ``sampling``), ``schedule``,
+    ``prediction_type`` and ``_sched_cache = {}``."""
 
-    name = "diffusion"
-
-    def __init__(self, config):
-        super().__init__(config)
-        d = config.diffusion
+    def check_objective(self, d) -> None:
+        """Check config.diffusion's prediction_type, loss_weighting and snr_gamma; sets
+        self.prediction_type."""
         self.prediction_type = d.prediction_type
         if self.prediction_type not in process.PREDICTION_TYPES:
             raise ConfigError(f"diffusion.prediction_type={self.prediction_type!r}: choose one of "
@@ -85,6 +85,63 @@ class DiffusionTask(Task):
         if d.loss_weighting == "min_snr" and not d.snr_gamma > 0:
             raise ConfigError(f"diffusion.snr_gamma={d.snr_gamma}: min-SNR weighting needs gamma > 0 "
                               "(5 is the paper's value).")
+
+    def loss_weights(self, t):
+        """Per-example loss weights: t [B] int32 -> [B] float32 (ones, or min-SNR-gamma)."""
+        d = self.config.diffusion
+        if d.loss_weighting == "uniform":
+            return jnp.ones(t.shape, jnp.float32)
+        return process.min_snr_weights(self.schedule, t, float(d.snr_gamma), self.prediction_type)
+
+    def scheduler_config(self, class_name: str) -> dict:
+        """The diffusers scheduler_config dict of ``class_name`` for this run: the training
+        schedule's fields, its prediction_type, and config.sampling.scheduler_config."""
+        d = self.config.diffusion
+        cfg = {"_class_name": class_name, "prediction_type": self.prediction_type,
+               **{f: _plain(d[f]) for f in SCHEDULE_FIELDS}}
+        extra = _plain(self.config.sampling.get("scheduler_config", None) or {})
+        clash = sorted(set(extra) & set(cfg))
+        if clash:
+            raise ConfigError(f"sampling.scheduler_config sets {clash}: those come from the training "
+                              "schedule (config.diffusion); remove them from scheduler_config.")
+        return {**cfg, **extra}
+
+    def make_scheduler(self, scheduler=None) -> Scheduler:
+        """A jaxgen scheduler from a diffusers class name ("DDIMScheduler", ...) or a jaxgen
+        scheduler object (checked against the training schedule)."""
+        if scheduler is None:
+            scheduler = self.config.sampling.scheduler
+        if isinstance(scheduler, str):
+            if scheduler not in SCHEDULERS:
+                raise ConfigError(f"scheduler {scheduler!r} is unknown: use one of "
+                                  f"{', '.join(sorted(SCHEDULERS))}.")
+            if scheduler not in self._sched_cache:
+                self._sched_cache[scheduler] = scheduler_from_config(self.scheduler_config(scheduler))
+            return self._sched_cache[scheduler]
+        if not isinstance(scheduler, Scheduler):
+            raise ConfigError(f"scheduler={scheduler!r}: pass a diffusers class name such as "
+                              "'DDIMScheduler' or a jaxgen scheduler object.")
+        own = scheduler.config
+        want = {"prediction_type": self.prediction_type,
+                **{f: _plain(self.config.diffusion[f]) for f in SCHEDULE_FIELDS}}
+        bad = [f"{k}={own[k]!r} (trained with {v!r})" for k, v in want.items()
+               if k in own and own[k] != v and not (isinstance(v, float) and np.isclose(own[k], v))]
+        if bad:
+            raise ConfigError(f"the {type(scheduler).__name__} passed does not match this run's "
+                              f"training schedule: {', '.join(bad)}. Build it with "
+                              "scheduler.replace(...) or pass its class name as a string.")
+        return scheduler
+
+
+class DiffusionTask(TrainingScheduleMixin, Task):
+    """Trains ``UNet2DModel(x_t, t, class_labels)`` as a DDPM; ``sample`` runs any scheduler."""
+
+    name = "diffusion"
+
+    def __init__(self, config):
+        super().__init__(config)
+        d = config.diffusion
+        self.check_objective(d)
         self.num_classes = int(d.num_classes)
         embeds = self.model.num_class_embeds
         if self.num_classes > 0 and embeds != self.num_classes + 1:
@@ -146,13 +203,6 @@ class DiffusionTask(Task):
         drop = jax.random.bernoulli(key, p, labels.shape)
         return jnp.where(drop, jnp.int32(self.null_label), labels.astype(jnp.int32))
 
-    def loss_weights(self, t):
-        """Per-example loss weights: t [B] int32 -> [B] float32 (ones, or min-SNR-gamma)."""
-        d = self.config.diffusion
-        if d.loss_weighting == "uniform":
-            return jnp.ones(t.shape, jnp.float32)
-        return process.min_snr_weights(self.schedule, t, float(d.snr_gamma), self.prediction_type)
-
     def loss_fn(self, params, batch, key):
         """batch: {"image": uint8 [B, H, W, C], "label": int32 [B]}; key: the step's key.
         Returns (weighted MSE on the prediction target, {"mse": unweighted MSE})."""
@@ -168,46 +218,6 @@ class DiffusionTask(Task):
         per_example = jnp.mean((out - target) ** 2, axis=tuple(range(1, x0.ndim)))  # [B]
         loss = jnp.mean(self.loss_weights(t) * per_example)
         return loss, {"mse": jnp.mean(per_example)}
-
-    # -- schedulers --------------------------------------------------------------------------
-    def scheduler_config(self, class_name: str) -> dict:
-        """The diffusers scheduler_config dict of ``class_name`` for this run: the training
-        schedule's fields, its prediction_type, and config.sampling.scheduler_config."""
-        d = self.config.diffusion
-        cfg = {"_class_name": class_name, "prediction_type": self.prediction_type,
-               **{f: _plain(d[f]) for f in SCHEDULE_FIELDS}}
-        extra = _plain(self.config.sampling.get("scheduler_config", None) or {})
-        clash = sorted(set(extra) & set(cfg))
-        if clash:
-            raise ConfigError(f"sampling.scheduler_config sets {clash}: those come from the training "
-                              "schedule (config.diffusion); remove them from scheduler_config.")
-        return {**cfg, **extra}
-
-    def make_scheduler(self, scheduler) -> Scheduler:
-        """A jaxgen scheduler from a diffusers class name ("DDIMScheduler", ...) or a jaxgen
-        scheduler object (checked against the training schedule)."""
-        if scheduler is None:
-            scheduler = self.config.sampling.scheduler
-        if isinstance(scheduler, str):
-            if scheduler not in SCHEDULERS:
-                raise ConfigError(f"scheduler {scheduler!r} is unknown: use one of "
-                                  f"{', '.join(sorted(SCHEDULERS))}.")
-            if scheduler not in self._sched_cache:
-                self._sched_cache[scheduler] = scheduler_from_config(self.scheduler_config(scheduler))
-            return self._sched_cache[scheduler]
-        if not isinstance(scheduler, Scheduler):
-            raise ConfigError(f"scheduler={scheduler!r}: pass a diffusers class name such as "
-                              "'DDIMScheduler' or a jaxgen scheduler object.")
-        own = scheduler.config
-        want = {"prediction_type": self.prediction_type,
-                **{f: _plain(self.config.diffusion[f]) for f in SCHEDULE_FIELDS}}
-        bad = [f"{k}={own[k]!r} (trained with {v!r})" for k, v in want.items()
-               if k in own and own[k] != v and not (isinstance(v, float) and np.isclose(own[k], v))]
-        if bad:
-            raise ConfigError(f"the {type(scheduler).__name__} passed does not match this run's "
-                              f"training schedule: {', '.join(bad)}. Build it with "
-                              "scheduler.replace(...) or pass its class name as a string.")
-        return scheduler
 
     # -- sampling ----------------------------------------------------------------------------
     def _labels(self, num: int, labels) -> np.ndarray | None:

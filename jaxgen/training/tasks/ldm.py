@@ -59,7 +59,7 @@ import logging
 import os
 import tempfile
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -68,7 +68,7 @@ import numpy as np
 from jaxgen.data.pipeline import images_to_float, images_to_uint8
 from jaxgen.diffusion import process
 from jaxgen.diffusion.sampling import sample_loop
-from jaxgen.diffusion.schedulers import SCHEDULERS, Scheduler, scheduler_from_config
+from jaxgen.diffusion.schedulers import Scheduler
 from jaxgen.diffusion.schedules import make_schedule
 from jaxgen.errors import CheckpointError, ConfigError, DataError
 from jaxgen.eval.images import make_grid, prompt_grid_png, save_png
@@ -77,31 +77,18 @@ from jaxgen.nn.unet import UNet2DConditionModel
 from jaxgen.nn.vae import AutoencoderKL
 from jaxgen.training.tasks.base import Task
 from jaxgen.training.tasks.clip import ClipTask
+from jaxgen.training.tasks.diffusion import TrainingScheduleMixin, _plain
 from jaxgen.training.trainer import stage_config
 
 log = logging.getLogger("jaxgen")
 
 STAGES = ("vae", "text", "unet")
+RECONSTRUCTIONS = ("mse", "l1")
 LATENT_STATS = "latent_stats.json"   # DIR/latent_stats.json: the scaling factor and latent moments
 CONTEXT_LENGTH = 77                  # the U-Net's context: all 77 positions, as diffusers
-LOSS_WEIGHTINGS = ("uniform", "min_snr")
-RECONSTRUCTIONS = ("mse", "l1")
-SCHEDULE_FIELDS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end",
-                   "rescale_betas_zero_snr")
 STATS_SEED = 0                       # the posterior draws the scaling factor is measured on
 CHUNK = 256                          # images per jitted encode / decode call
 EVAL_SEED = 0
-
-
-def _plain(value):
-    """ConfigDict / list values (also as read back from a checkpoint's JSON) -> dicts and tuples."""
-    if hasattr(value, "to_dict"):
-        value = value.to_dict()
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return tuple(_plain(v) for v in value)
-    return value
 
 
 def _chunks(n: int, size: int):
@@ -327,7 +314,7 @@ class UNetStage(Task):
 # ------------------------------------------------------------------------------------------------
 # the run
 # ------------------------------------------------------------------------------------------------
-class LDMTask(Task):
+class LDMTask(TrainingScheduleMixin, Task):
     """The three-stage latent diffusion run (module docstring). ``model`` is the U-Net;
     ``vae`` (with the run's scaling factor), ``text_encoder`` and ``tokenizer`` the rest of the
     stack."""
@@ -349,15 +336,7 @@ class LDMTask(Task):
         self.text_encoder = CLIPTextModel(**dict(self.text_stage.model.text_config))
         self._check_shapes()
         d = config.diffusion
-        self.prediction_type = d.prediction_type
-        if self.prediction_type not in process.PREDICTION_TYPES:
-            raise ConfigError(f"diffusion.prediction_type={self.prediction_type!r}: choose one of "
-                              f"{', '.join(process.PREDICTION_TYPES)}.")
-        if d.loss_weighting not in LOSS_WEIGHTINGS:
-            raise ConfigError(f"diffusion.loss_weighting={d.loss_weighting!r}: choose one of "
-                              f"{', '.join(LOSS_WEIGHTINGS)}.")
-        if d.loss_weighting == "min_snr" and not d.snr_gamma > 0:
-            raise ConfigError(f"diffusion.snr_gamma={d.snr_gamma}: min-SNR weighting needs gamma > 0.")
+        self.check_objective(d)
         if not 0.0 <= float(d.caption_dropout) < 1.0:
             raise ConfigError(f"diffusion.caption_dropout={d.caption_dropout} must be in [0, 1) "
                               "(0.1 is usual; > 0 is needed for classifier-free guidance).")
@@ -504,50 +483,6 @@ class LDMTask(Task):
         return self.text_stage.tokenizer_for(workdir)
 
     # -- diffusion pieces -----------------------------------------------------------------------
-    def loss_weights(self, t):
-        """Per-example loss weights: t [B] int32 -> [B] float32 (ones, or min-SNR-gamma)."""
-        d = self.config.diffusion
-        if d.loss_weighting == "uniform":
-            return jnp.ones(t.shape, jnp.float32)
-        return process.min_snr_weights(self.schedule, t, float(d.snr_gamma), self.prediction_type)
-
-    def scheduler_config(self, class_name: str) -> dict:
-        """The diffusers scheduler_config dict of ``class_name`` for this run: the training
-        schedule's fields, its prediction_type and config.sampling.scheduler_config."""
-        d = self.config.diffusion
-        cfg = {"_class_name": class_name, "prediction_type": self.prediction_type,
-               **{f: _plain(d[f]) for f in SCHEDULE_FIELDS}}
-        extra = _plain(self.config.sampling.get("scheduler_config", None) or {})
-        clash = sorted(set(extra) & set(cfg))
-        if clash:
-            raise ConfigError(f"sampling.scheduler_config sets {clash}: those come from the training "
-                              "schedule (config.diffusion); remove them from scheduler_config.")
-        return {**cfg, **extra}
-
-    def make_scheduler(self, scheduler=None) -> Scheduler:
-        """A jaxgen scheduler: None (config.sampling.scheduler), a diffusers class name, or a
-        jaxgen scheduler object whose schedule matches training."""
-        if scheduler is None:
-            scheduler = self.config.sampling.scheduler
-        if isinstance(scheduler, str):
-            if scheduler not in SCHEDULERS:
-                raise ConfigError(f"scheduler {scheduler!r} is unknown: use one of {', '.join(sorted(SCHEDULERS))}.")
-            if scheduler not in self._sched_cache:
-                self._sched_cache[scheduler] = scheduler_from_config(self.scheduler_config(scheduler))
-            return self._sched_cache[scheduler]
-        if not isinstance(scheduler, Scheduler):
-            raise ConfigError(f"scheduler={scheduler!r}: pass a diffusers class name such as "
-                              "'DDIMScheduler' or a jaxgen scheduler object.")
-        own = scheduler.config
-        want = {"prediction_type": self.prediction_type,
-                **{f: _plain(self.config.diffusion[f]) for f in SCHEDULE_FIELDS}}
-        bad = [f"{k}={own[k]!r} (trained with {v!r})" for k, v in want.items()
-               if k in own and own[k] != v and not (isinstance(v, float) and np.isclose(own[k], v))]
-        if bad:
-            raise ConfigError(f"the {type(scheduler).__name__} passed does not match this run's training "
-                              f"schedule: {', '.join(bad)}. Pass its class name as a string instead.")
-        return scheduler
-
     # -- the stack, jitted ----------------------------------------------------------------------
     def _fn(self, name: str):
         if name not in self._fns:
@@ -634,7 +569,7 @@ class LDMTask(Task):
     def default_prompts(self, num: int) -> list[str]:
         """The canonical captions of the dataset's combinations in order (shapes: 180), repeated."""
         if self.config.data.name != "shapes":
-            raise DataError(f"prompts=None: the ldm task has default prompts only for shapes; pass prompts=.")
+            raise DataError("prompts=None: the ldm task has default prompts only for shapes; pass prompts=.")
         from jaxgen.data import shapes
 
         k = shapes.NUM_COMBINATIONS
