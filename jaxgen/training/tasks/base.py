@@ -26,6 +26,28 @@ def build_module(class_path: str, fields: dict):
         raise ConfigError(f"config.model does not fit {attr}: {e}.") from e
 
 
+def class_labels(num: int, labels, num_classes: int, unconditional: str) -> np.ndarray | None:
+    """int32 [num] class labels for sampling: ``labels`` (num ints, or one for all) checked to be
+    in [0, num_classes), by default 0, 1, ..., K-1, 0, ...; None when num_classes is 0 (then
+    passing labels is a DataError saying ``unconditional``)."""
+    if num_classes == 0:
+        if labels is not None:
+            raise DataError(f"{unconditional}: it takes no labels.")
+        return None
+    if labels is None:
+        return (np.arange(num) % num_classes).astype(np.int32)
+    labels = np.asarray(labels)
+    if labels.ndim == 0:
+        labels = np.full((num,), labels)
+    if labels.shape != (num,) or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"labels have shape {labels.shape} and dtype {labels.dtype}; pass {num} "
+                        "integer class labels (or one for all).")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise DataError(f"labels must be class ids in [0, {num_classes - 1}]; got "
+                        f"[{labels.min()}, {labels.max()}].")
+    return labels.astype(np.int32)
+
+
 class Task:
     """Subclasses set ``name`` and implement init_params, loss_fn; optionally preview, evaluate
     and the Run abilities (encode/decode/reconstruct/sample/encode_text/encode_image).

@@ -47,7 +47,7 @@ from jaxgen.diffusion.schedulers import SCHEDULERS, Scheduler, scheduler_from_co
 from jaxgen.diffusion.schedules import make_schedule
 from jaxgen.errors import ConfigError, DataError
 from jaxgen.eval.images import make_grid, save_png
-from jaxgen.training.tasks.base import Task
+from jaxgen.training.tasks.base import Task, class_labels
 
 LOSS_WEIGHTINGS = ("uniform", "min_snr")
 # the fields of config.diffusion a scheduler must share with training
@@ -222,22 +222,7 @@ class DiffusionTask(TrainingScheduleMixin, Task):
     # -- sampling ----------------------------------------------------------------------------
     def _labels(self, num: int, labels) -> np.ndarray | None:
         """int32 [num] class labels (default: 0, 1, ..., K-1, 0, 1, ...), or None (unconditional)."""
-        if self.num_classes == 0:
-            if labels is not None:
-                raise DataError("this diffusion run is unconditional: it takes no labels.")
-            return None
-        if labels is None:
-            return (np.arange(num) % self.num_classes).astype(np.int32)
-        labels = np.asarray(labels)
-        if labels.ndim == 0:
-            labels = np.full((num,), labels)
-        if labels.shape != (num,) or not np.issubdtype(labels.dtype, np.integer):
-            raise DataError(f"labels have shape {labels.shape} and dtype {labels.dtype}; pass {num} "
-                            "integer class labels (or one for all).")
-        if labels.min() < 0 or labels.max() >= self.num_classes:
-            raise DataError(f"labels must be class ids in [0, {self.num_classes - 1}]; got "
-                            f"[{labels.min()}, {labels.max()}].")
-        return labels.astype(np.int32)
+        return class_labels(num, labels, self.num_classes, "this diffusion run is unconditional")
 
     def step_options(self, scheduler: Scheduler) -> dict:
         """Keyword arguments of ``scheduler.step`` from config.sampling.step_options[class name]

@@ -53,7 +53,7 @@ from jaxgen.data.pipeline import images_to_float, images_to_uint8
 from jaxgen.errors import ConfigError, DataError
 from jaxgen.eval.images import make_grid, save_png
 from jaxgen.nn.prior import code_nll, dead_code_loss, sample_codes
-from jaxgen.training.tasks.base import Task, build_module
+from jaxgen.training.tasks.base import Task, build_module, class_labels
 
 EVAL_SEED = 0
 REFERENCE_STREAM = 17  # the RNG stream [seed, 17] that picks the dead codes' reference images
@@ -331,22 +331,7 @@ class VQVAETask(Task):
 
     def _labels(self, num: int, labels) -> np.ndarray | None:
         """int32 [num] class labels (default 0, 1, ..., K-1, 0, ...), or None (unconditional prior)."""
-        if self.num_classes == 0:
-            if labels is not None:
-                raise DataError("this prior is unconditional (num_classes=0): it takes no labels.")
-            return None
-        if labels is None:
-            return (np.arange(num) % self.num_classes).astype(np.int32)
-        labels = np.asarray(labels)
-        if labels.ndim == 0:
-            labels = np.full((num,), labels)
-        if labels.shape != (num,) or not np.issubdtype(labels.dtype, np.integer):
-            raise DataError(f"labels have shape {labels.shape} and dtype {labels.dtype}; pass {num} "
-                            "integer class labels (or one for all).")
-        if labels.min() < 0 or labels.max() >= self.num_classes:
-            raise DataError(f"labels must be class ids in [0, {self.num_classes - 1}]; got "
-                            f"[{labels.min()}, {labels.max()}].")
-        return labels.astype(np.int32)
+        return class_labels(num, labels, self.num_classes, "this prior is unconditional (num_classes=0)")
 
     def sample_codes(self, variables, num: int, seed: int = 0, labels=None, temperature: float | None = None):
         """Code grids drawn from the prior: int32 [num, h, w]. temperature None: config.sampling's."""
