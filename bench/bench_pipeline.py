@@ -29,25 +29,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import median_time, setup_threads  # noqa: E402
 
+from jaxgen.convert.testing import randomize_torch as randomize  # noqa: E402
+
 CAPTIONS = [f"a {s} {c} {k} {p}" for s in ("small", "large") for c in ("red", "green", "blue", "yellow")
             for k in ("circle", "square", "triangle") for p in ("on the left", "at the top", "in the center")]
-
-
-def randomize(model, seed: int):
-    """Every parameter random: matrices ~ N(0, 1/fan_in), norm scales ~ 1 + N(0, 0.3²), other
-    vectors ~ N(0, 0.5²) (diffusers zero-initialises some output layers)."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / int(np.prod(p.shape[1:])) ** 0.5)
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.5 * torch.randn(p.shape, generator=g))
-    return model.eval()
 
 
 def build(folder: str, size: int) -> None:

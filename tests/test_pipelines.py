@@ -26,6 +26,7 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 import jaxgen  # noqa: E402
+from jaxgen.convert.testing import randomize_torch as randomize  # noqa: E402
 from jaxgen.errors import ConfigError, DataError  # noqa: E402
 from jaxgen.tokenizer import train_tokenizer  # noqa: E402
 
@@ -37,20 +38,6 @@ NEGATIVE = ["a green triangle", ""]
 CAPTIONS = [f"a {s} {c} {k} {p}" for s in ("small", "large") for c in ("red", "green", "blue")
             for k in ("circle", "square", "triangle") for p in ("on the left", "at the top")]
 
-
-def randomize(model, seed: int):
-    """Every parameter random (diffusers zero-inits some output layers): matrices ~ N(0, 1/fan_in),
-    norm scales ~ 1 + N(0, 0.3²), other vectors ~ N(0, 0.5²)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / int(np.prod(p.shape[1:])) ** 0.5)
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.5 * torch.randn(p.shape, generator=g))
-    return model.eval()
 
 
 def tiny_unet(in_channels: int, seed: int):

@@ -19,25 +19,15 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 import jaxgen  # noqa: E402
+from jaxgen.convert.testing import randomize_torch  # noqa: E402
 from jaxgen.errors import ConfigError, DataError  # noqa: E402
 
 TOL = 1e-5
 
 
 def randomize(model, seed: int = 0):
-    """Every parameter random: matrices ~ N(0, 1/fan_in), vectors ~ N(0, 0.5²) (+1 for norm scales)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / int(np.prod(p.shape[1:])) ** 0.5)
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
-            elif name == "time_proj.weight":  # Fourier frequencies
-                p.copy_(4 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.5 * torch.randn(p.shape, generator=g))
-    return model.eval()
+    """randomize_torch, with the Fourier projection's frequencies ~ N(0, 4²)."""
+    return randomize_torch(model, seed, {"time_proj.weight": 4.0})
 
 
 def rel_err(ours, ref) -> float:

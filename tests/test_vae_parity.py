@@ -23,22 +23,10 @@ diffusers = pytest.importorskip("diffusers")
 import jaxgen  # noqa: E402
 from jaxgen.errors import ConfigError, DataError  # noqa: E402
 from jaxgen.nn.gaussian import DiagonalGaussian  # noqa: E402
+from jaxgen.convert.testing import randomize_torch as randomize
 
 TOL = 1e-5
 
-
-def randomize(model, seed: int = 0):
-    """Every parameter random: matrices ~ N(0, 1/fan_in), vectors ~ N(0, 0.5²) (+1 for norm scales)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / int(np.prod(p.shape[1:])) ** 0.5)
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.5 * torch.randn(p.shape, generator=g))
-    return model.eval()
 
 
 def rel_err(ours, ref) -> float:

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxgen.convert.testing import randomize_torch as randomize
 from jaxgen.errors import ConfigError, DataError
 from jaxgen.nn.vq import (CodebookEMA, VectorQuantizer, codebook_usage, ema_init, ema_reset_codes, ema_update,
                           quantize, restart_dead_codes, update_unused, vq_losses)
@@ -225,21 +226,6 @@ VQ_CONFIGS = {
                            hw=(4, 6), recon=True),
 }
 
-
-def randomize(model, seed: int):
-    """Every diffusers parameter random: matrices ~ N(0, 1/fan_in), vectors ~ N(0, 0.5²) (+1 for norm scales)."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / int(np.prod(p.shape[1:])) ** 0.5)
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.5 * torch.randn(p.shape, generator=g))
-    return model.eval()
 
 
 def perturbed(params, seed: int):

@@ -67,3 +67,18 @@ def spread_indices(n: int, k: int = 16) -> np.ndarray:
     """int [min(k, n)] indices spread evenly over range(n): examples for a figure from a split
     that is sorted (e.g. shapes by attribute combination)."""
     return np.unique(np.linspace(0, n - 1, min(k, n)).round().astype(int))
+
+
+def class_rows_grid(samples: np.ndarray, labels: np.ndarray | None, num_classes: int,
+                    per_class: int = 10, upscale: int = 1) -> np.ndarray:
+    """uint8 grid with one row per class: the first ``per_class`` samples labelled k in row k (a
+    short row padded with black images); labels None: the first per_class * 8 samples."""
+    if labels is None:
+        return make_grid(samples[:per_class * 8], ncol=per_class, upscale=upscale)
+    rows = []
+    for k in range(num_classes):
+        mine = samples[labels == k][:per_class]
+        if len(mine) < per_class:
+            mine = np.concatenate([mine, np.zeros((per_class - len(mine), *samples.shape[1:]), np.uint8)])
+        rows.append(mine)
+    return make_grid(np.concatenate(rows), ncol=per_class, upscale=upscale)

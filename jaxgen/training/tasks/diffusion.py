@@ -46,7 +46,7 @@ from jaxgen.diffusion.sampling import guided_output, sample_loop
 from jaxgen.diffusion.schedulers import SCHEDULERS, Scheduler, scheduler_from_config
 from jaxgen.diffusion.schedules import make_schedule
 from jaxgen.errors import ConfigError, DataError
-from jaxgen.eval.images import make_grid, save_png
+from jaxgen.eval.images import class_rows_grid, make_grid, save_png
 from jaxgen.training.tasks.base import Task, class_labels
 
 LOSS_WEIGHTINGS = ("uniform", "min_snr")
@@ -328,15 +328,7 @@ class DiffusionTask(TrainingScheduleMixin, Task):
 
     def class_grid(self, samples: np.ndarray, labels: np.ndarray | None, per_class: int = 10) -> np.ndarray:
         """uint8 grid with one row per class (the first ``per_class`` samples of each)."""
-        if labels is None:
-            return make_grid(samples[:per_class * 8], ncol=per_class, upscale=self._upscale())
-        rows = []
-        for k in range(self.num_classes):
-            mine = samples[labels == k][:per_class]
-            if len(mine) < per_class:  # pad a short row with black images
-                mine = np.concatenate([mine, np.zeros((per_class - len(mine), *samples.shape[1:]), np.uint8)])
-            rows.append(mine)
-        return make_grid(np.concatenate(rows), ncol=per_class, upscale=self._upscale())
+        return class_rows_grid(samples, labels, self.num_classes, per_class, self._upscale())
 
     def preview(self, params, batch):
         n = 2 * max(self.num_classes, 1)

@@ -51,7 +51,7 @@ import numpy as np
 from jaxgen import losses
 from jaxgen.data.pipeline import images_to_float, images_to_uint8
 from jaxgen.errors import ConfigError, DataError
-from jaxgen.eval.images import make_grid, save_png
+from jaxgen.eval.images import class_rows_grid, make_grid, save_png
 from jaxgen.nn.prior import code_nll, dead_code_loss, sample_codes
 from jaxgen.training.tasks.base import Task, build_module, class_labels
 
@@ -368,16 +368,7 @@ class VQVAETask(Task):
     # -- evaluation -------------------------------------------------------------------------
     def class_grid(self, samples: np.ndarray, labels: np.ndarray | None, per_class: int = 10) -> np.ndarray:
         """uint8 grid with one row per class (the first ``per_class`` samples of each)."""
-        up = _upscale(samples.shape[1])
-        if labels is None:
-            return make_grid(samples[:per_class * 8], ncol=per_class, upscale=up)
-        rows = []
-        for k in range(self.num_classes):
-            mine = samples[labels == k][:per_class]
-            if len(mine) < per_class:  # pad a short row with black images
-                mine = np.concatenate([mine, np.zeros((per_class - len(mine), *samples.shape[1:]), np.uint8)])
-            rows.append(mine)
-        return make_grid(np.concatenate(rows), ncol=per_class, upscale=up)
+        return class_rows_grid(samples, labels, self.num_classes, per_class, _upscale(samples.shape[1]))
 
     def prior_bits_per_code(self, variables, codes: np.ndarray, labels: np.ndarray) -> float:
         """The prior's mean cross-entropy in bits per code on code grids int [N, h, w]."""
