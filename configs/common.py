@@ -21,6 +21,26 @@ def base_config() -> ml_collections.ConfigDict:
                                          "b1": 0.9, "b2": 0.999, "eps": 1e-8, "clip_norm": 1.0,
                                          "final_lr_ratio": 0.0})
     c.ema = ml_collections.ConfigDict({"decay": 0.0, "warmup": True})  # decay 0 = no EMA
+    # start from pretrained weights (jaxgen/training/init_from.py): source "" = off; else a
+    # diffusers/transformers folder or a jaxgen run directory (stage: which stage of a multi-stage
+    # run); new / drop / expand / zero: glob patterns over "/"-joined param paths
+    c.init_from = init_from_off()
+    return c
+
+
+def init_from_off() -> ml_collections.ConfigDict:
+    """The ``init_from`` field switched off (source ""): every config has it at the top level, and
+    multi-stage configs in each stage entry (``with_stage_init_from``), so
+    ``--config.stages.STAGE.init_from.source=...`` works from the command line."""
+    from jaxgen.training.init_from import default_config
+
+    return default_config()
+
+
+def with_stage_init_from(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Give every entry of c.stages its own (switched-off) init_from; returns c."""
+    for stage in c.stages.values():
+        stage.init_from = init_from_off()
     return c
 
 

@@ -22,7 +22,7 @@ trains without the digit 8: python -m train.anomaly scores it by reconstruction 
 """
 import ml_collections
 
-from configs.common import base_config, make_tiny, parse_arg
+from configs.common import base_config, make_tiny, parse_arg, with_stage_init_from
 
 
 def get_config(arg: str | None = None):
@@ -75,4 +75,4 @@ def get_config(arg: str | None = None):
         c.eval.num_samples = 20
     if "anomaly" in words:  # the VQ-VAE stage trains without the digit 8 (python -m train.anomaly)
         c.data.exclude_labels = (8,)
-    return c
+    return with_stage_init_from(c)

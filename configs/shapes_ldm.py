@@ -25,7 +25,7 @@ import math
 
 import ml_collections
 
-from configs.common import base_config, make_tiny, parse_arg
+from configs.common import base_config, make_tiny, parse_arg, with_stage_init_from
 
 VOCAB = 596   # the BPE vocabulary the shapes captions (six phrasings) support; start/end ids last
 
@@ -153,4 +153,4 @@ def get_config(arg: str | None = None):
         c.sampling.num_steps = 3
         c.sampling.batch_size = 32
         c.eval.samples_per_prompt = 1
-    return c
+    return with_stage_init_from(c)

@@ -15,7 +15,7 @@ from jaxgen.errors import DataError
 from jaxgen.eval import baselines
 from jaxgen.eval.anomaly import anomaly_report, compare_runs
 from jaxgen.training.run import Run
-from jaxgen.training.trainer import stage_config
+from jaxgen.training.stages import stage_config
 from jaxgen.training.tasks import make_task
 
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import rel_err
 import jaxgen
 from jaxgen.errors import ConfigError, DataError, WeightError
 from jaxgen.nn import clip as jclip
@@ -48,13 +49,6 @@ CONFIGS = {
                     hidden_act="gelu", layer_norm_eps=1e-6),
         projection_dim=16),
 }
-
-
-def rel(ours, ref) -> float:
-    ours = np.asarray(ours, np.float64)
-    ref = ref.detach().numpy().astype(np.float64) if hasattr(ref, "detach") else np.asarray(ref, np.float64)
-    assert ours.shape == ref.shape, (ours.shape, ref.shape)
-    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
 
 
 def randomize_(model, seed: int):
@@ -201,7 +195,7 @@ def test_transformers_to_jaxgen(torch_folders, cls_name, key):
     expected, run = runner(cls_name, key)
     assert module.pt_config() == expected.pt_config()       # the same architecture, read back
     ours = run(params, ids, mask, pixels)
-    errors = {name: rel(ours[name], ref[name]) for name in ref}
+    errors = {name: rel_err(ours[name], ref[name]) for name in ref}
     assert max(errors.values()) <= TOL, errors
 
 
@@ -227,7 +221,7 @@ def test_jaxgen_to_transformers(tmp_path, cls_name, key):
     pixels = pixel_inputs(cfg)
     ref = torch_outputs(model, cls_name, ids, mask, pixels)
     ours = run(params, ids, mask, pixels)
-    errors = {name: rel(ours[name], ref[name]) for name in ref}
+    errors = {name: rel_err(ours[name], ref[name]) for name in ref}
     assert max(errors.values()) <= TOL, errors
     # and the folder loads back into jaxgen with identical parameters
     module2, params2 = jaxgen.load_pretrained(tmp_path)
@@ -317,8 +311,8 @@ def test_bfloat16_compute(torch_folders, two_tower):
     ref = run(params, ids, mask, pixel_inputs(cfg))
     out = jax.jit(module.clone(dtype=jnp.bfloat16).apply)({"params": params}, ids)
     assert out.last_hidden_state.dtype == jnp.bfloat16
-    assert rel(out.text_embeds, ref["text_embeds"]) < 3e-2
-    assert rel(out.last_hidden_state, ref["last_hidden_state"]) < 3e-2
+    assert rel_err(out.text_embeds, ref["text_embeds"]) < 3e-2
+    assert rel_err(out.last_hidden_state, ref["last_hidden_state"]) < 3e-2
     # the two-tower model, abstractly: bf16 towers, float32 logits, float32 parameters
     two, two_params, _ = two_tower
     bf16 = two.clone(dtype=jnp.bfloat16)

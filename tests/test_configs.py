@@ -16,7 +16,8 @@ from jaxgen.training.trainer import train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
                  if not os.path.basename(p).startswith(("_", "common")))
-TRAINED_ELSEWHERE = {"shapes_ldm": "test_ldm.py", "digits_vqvae": "test_vqvae_training.py"}
+TRAINED_ELSEWHERE = {"shapes_ldm": "test_ldm.py", "digits_vqvae": "test_vqvae_training.py",
+                     "paired_colorize": "test_paired.py"}
 
 
 def get_config(name, arg="tiny"):

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 
+from helpers import rel_err
 import jaxgen
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,10 +54,6 @@ def _params(workdir) -> np.ndarray:
     return np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree_util.tree_leaves(run.params)])
 
 
-def _rel(a, b):
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, data_dir):
     wd = tmp_path_factory.mktemp("ref1")
@@ -74,7 +71,7 @@ def eight_devices(tmp_path_factory, data_dir):
 def _curve_errors(run, reference) -> tuple[float, float]:
     """(max relative loss difference over the steps, relative parameter difference at the end)."""
     (losses, params), (ref_losses, ref_params) = run, reference
-    return float(np.max(np.abs(losses - ref_losses) / np.abs(ref_losses))), _rel(params, ref_params)
+    return float(np.max(np.abs(losses - ref_losses) / np.abs(ref_losses))), rel_err(params, ref_params)
 
 
 def test_data8_follows_one_device_curve(eight_devices, reference):
@@ -131,5 +128,5 @@ def test_kill_9_then_resume_is_exact(reference, tmp_path, data_dir):
     _train(wd, 1, data_dir)  # resumes by itself
     assert not [d for d in os.listdir(ckpt) if "tmp" in d], os.listdir(ckpt)
     ref_losses, ref_params = reference
-    assert _rel(_params(wd), ref_params) <= 1e-6
+    assert rel_err(_params(wd), ref_params) <= 1e-6
     np.testing.assert_allclose(_losses(wd), ref_losses, rtol=1e-6)

@@ -18,10 +18,10 @@ pytest.importorskip("diffusers")
 
 from jaxgen.convert import tables  # noqa: E402
 from jaxgen.nn import layers  # noqa: E402
-from jaxgen.convert.testing import randomize_torch as randomize
+from jaxgen.convert.testing import randomize_torch as randomize  # noqa: E402
+from helpers import nchw, nhwc, rel_err  # noqa: E402
 
 TOL = 1e-5
-
 
 
 def to_flax(model, flax_module, *args, **kwargs):
@@ -36,15 +36,6 @@ def run(module, params, *args):
     static = tuple(i for i, a in enumerate(args) if isinstance(a, tuple))
     return jax.jit(lambda p, *a: module.apply({"params": p}, *a), static_argnums=tuple(i + 1 for i in static))(
         params, *args)
-
-
-def nchw(x: np.ndarray) -> "torch.Tensor":
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-
-
-def rel_err(ours, ref) -> float:
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +99,7 @@ def test_resnet_block(case, rng):
     x = rng.standard_normal((2, 6, 6, spec["pt"]["in_channels"]), np.float32)
     temb = rng.standard_normal((2, 12), np.float32) if spec["temb"] else None
     params = to_flax(pt, ours, jnp.asarray(x), None if temb is None else jnp.asarray(temb))
-    ref = pt(nchw(x), None if temb is None else torch.from_numpy(temb)).detach().numpy().transpose(0, 2, 3, 1)
+    ref = nhwc(pt(nchw(x), None if temb is None else torch.from_numpy(temb)))
     out = run(ours, params, x, temb)
     assert out.shape == ref.shape
     assert rel_err(out, ref) <= TOL
@@ -122,7 +113,7 @@ def test_downsample(padding, use_conv, rng):
     ours = layers.Downsample2D(8, use_conv=use_conv, padding=padding)
     x = rng.standard_normal((2, 7 if use_conv else 8, 8, 8), np.float32)
     params = to_flax(pt, ours, jnp.asarray(x)) if use_conv else {}
-    ref = pt(nchw(x)).detach().numpy().transpose(0, 2, 3, 1)
+    ref = nhwc(pt(nchw(x)))
     out = run(ours, params, x)
     assert out.shape == ref.shape
     assert rel_err(out, ref) <= TOL
@@ -136,7 +127,7 @@ def test_upsample(output_size, rng):
     ours = layers.Upsample2D(6, use_conv=True)
     x = rng.standard_normal((2, 4, 5, 8), np.float32)
     params = to_flax(pt, ours, jnp.asarray(x))
-    ref = pt(nchw(x), output_size).detach().numpy().transpose(0, 2, 3, 1)
+    ref = nhwc(pt(nchw(x), output_size))
     out = run(ours, params, x, output_size)
     assert out.shape == ref.shape
     assert rel_err(out, ref) <= TOL
@@ -152,7 +143,7 @@ def test_attention_spatial_and_cross(rng):
                             bias=True, rescale_output_factor=2.0)
     x = rng.standard_normal((2, 4, 5, 16), np.float32)
     params = to_flax(pt, ours, jnp.asarray(x))
-    ref = pt(nchw(x)).detach().numpy().transpose(0, 2, 3, 1)
+    ref = nhwc(pt(nchw(x)))
     assert rel_err(run(ours, params, x), ref) <= TOL
 
     # cross-attention with a key mask
@@ -179,7 +170,7 @@ def test_transformer2d(linear, only_cross, layers_n, act, rng):
                                      activation_fn=act)
     x, ctx = rng.standard_normal((2, 4, 4, 16), np.float32), rng.standard_normal((2, 5, 12), np.float32)
     params = to_flax(pt, ours, jnp.asarray(x), jnp.asarray(ctx))
-    ref = pt(nchw(x), encoder_hidden_states=torch.from_numpy(ctx)).sample.detach().numpy().transpose(0, 2, 3, 1)
+    ref = nhwc(pt(nchw(x), encoder_hidden_states=torch.from_numpy(ctx)).sample)
     assert rel_err(run(ours, params, x, ctx), ref) <= TOL
 
 
@@ -195,7 +186,7 @@ def test_mid_block(temb, shift, rng):
     x = rng.standard_normal((2, 4, 4, 16), np.float32)
     t = rng.standard_normal((2, 12), np.float32) if temb else None
     params = to_flax(pt, ours, jnp.asarray(x), None if t is None else jnp.asarray(t))
-    ref = pt(nchw(x), None if t is None else torch.from_numpy(t)).detach().numpy().transpose(0, 2, 3, 1)
+    ref = nhwc(pt(nchw(x), None if t is None else torch.from_numpy(t)))
     assert rel_err(run(ours, params, x, t), ref) <= TOL
 
 

@@ -1,9 +1,10 @@
 """Latent diffusion from scratch (task "ldm", configs/shapes_ldm.py) and the diffusers export.
 
 One ':tiny' run (every stage 2 steps of batch 16) is trained once per module; the tests check
-the whole stack through the Run, an exact resume inside the U-Net stage, the evaluation, and
-that diffusers' own StableDiffusionPipeline, loading the exported folder, reproduces jaxgen's
-sampling (same initial latents) within 1e-3.
+the whole stack through the Run, that run.sample is jaxgen's StableDiffusionPipeline over the
+run's stack (one sampler), an exact resume inside the U-Net stage, the evaluation, and that
+diffusers' own StableDiffusionPipeline, loading the exported folder, reproduces jaxgen's sampling
+(same initial latents) within 1e-3.
 """
 import importlib
 import json
@@ -18,10 +19,13 @@ import numpy as np
 import pytest
 
 import jaxgen
+from jaxgen.data.dataset import ArrayDataset
 from jaxgen.errors import CheckpointError, ConfigError, DataError
 from jaxgen.pipelines.export import export_stable_diffusion
+from jaxgen.pipelines.stable_diffusion import StableDiffusionPipeline
+from jaxgen.training.stages import final_params, stage_config
 from jaxgen.training.tasks import make_task
-from jaxgen.training.trainer import Trainer, final_params, stage_config, train
+from jaxgen.training.trainer import Trainer, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["a large red circle on the left", "a small blue square at the top"]
@@ -81,6 +85,82 @@ def test_whole_stack_through_the_run(run):
         run.sample(3, prompts=PROMPTS)
     with pytest.raises(ConfigError, match="unknown"):
         run.sample(1, prompts=PROMPTS[0], scheduler="NoSuchScheduler")
+
+
+def own_pipeline(run) -> StableDiffusionPipeline:
+    """A StableDiffusionPipeline built here from the run's components (not the task's cached one)."""
+    c = run.task.pipeline_components(run.params)
+    return StableDiffusionPipeline(c["unet"][0], c["vae"][0], c["text_encoder"][0],
+                                   {k: c[k][1] for k in ("unet", "vae", "text_encoder")}, c["tokenizer"],
+                                   c["scheduler"])
+
+
+def to_uint8(images):
+    return np.round(images * 255).astype(np.uint8)
+
+
+def test_run_sample_is_the_pipeline(run):
+    """One sampler: run.sample is StableDiffusionPipeline over the run's stack from the same
+    initial latents, normal(fold_in(key(seed), 0)); chunks of sampling.batch_size are pipeline
+    calls; stochastic schedulers take the chunk's seed key fold_in(fold_in(key(seed), 1), n)."""
+    task = run.task
+    assert task.pipeline(run.params) is task.pipeline(run.params)            # cached per params
+    pipe = own_pipeline(run)
+    key = jax.random.key(3)
+    latents = np.asarray(jax.random.normal(jax.random.fold_in(key, 0), (4, *task.latent_shape)), np.float32)
+    s = run.config.sampling
+    ref = pipe(PROMPTS, num_inference_steps=s.num_steps, guidance_scale=s.guidance_scale, latents=latents[:2])
+    np.testing.assert_array_equal(run.sample(2, seed=3, prompts=PROMPTS), to_uint8(ref))
+    # chunks: sampling.batch_size 2 makes 4 images two pipeline calls of 2
+    ref2 = pipe(PROMPTS, num_inference_steps=s.num_steps, guidance_scale=s.guidance_scale, latents=latents[2:])
+    old = s.batch_size
+    s.batch_size = 2
+    try:
+        chunked = run.sample(4, seed=3, prompts=PROMPTS * 2)
+    finally:
+        s.batch_size = old
+    np.testing.assert_array_equal(chunked, to_uint8(np.concatenate([ref, ref2])))
+    # a stochastic scheduler: the per-step noise is the pipeline's, from the chunk's seed key
+    ddpm = task.make_scheduler("DDPMScheduler")
+    ref = pipe(PROMPTS, num_inference_steps=s.num_steps, guidance_scale=s.guidance_scale, latents=latents[:2],
+               scheduler=ddpm, seed=jax.random.fold_in(jax.random.fold_in(key, 1), 0))
+    np.testing.assert_array_equal(run.sample(2, seed=3, prompts=PROMPTS, scheduler="DDPMScheduler"), to_uint8(ref))
+
+
+def test_training_context_is_the_pipelines(run):
+    """The U-Net stage's context table is the pipeline's prompt encoding: the text tower's
+    last_hidden_state over the 77 ids of each caption (and of "")."""
+    task = run.task
+    stage = task.stage_task("unet", {"vae": run.params["vae"], "text": run.params["text"]},
+                            stage_config(run.config, "unet"))
+    texts = PROMPTS + [""]
+    table = stage.text_context(texts)
+    assert table.shape == (3, 77, task.context_dim) and table.dtype == np.float32
+    np.testing.assert_array_equal(table, task.pipeline(run.params).encode_prompt(texts))
+    ids = task.tokenizer(texts)
+    direct = task.text_encoder.apply({"params": {"text_model": run.params["text"]["text_model"]}},
+                                     ids).last_hidden_state
+    np.testing.assert_allclose(table, np.asarray(direct), rtol=1e-5, atol=1e-6)
+
+
+def test_inputs_and_abilities(run):
+    """The stages declare their inputs; a dataset without captions is refused by the generic
+    missing-field error; the run offers the abilities the task declares."""
+    task = run.task
+    assert task.vae_stage.inputs()["image"].shape == (32, 32, 3)
+    stage = task.stage_task("unet", {"vae": run.params["vae"], "text": run.params["text"]},
+                            stage_config(run.config, "unet"))
+    spec = stage.inputs()
+    assert set(spec) == {"image", "caption"} and spec["caption"].kind == "text"
+    no_captions = ArrayDataset(images=np.zeros((4, 32, 32, 3), np.uint8), name="blank", split="train")
+    with pytest.raises(DataError, match="missing field.*'caption'"):
+        stage.batch_arrays(no_captions)
+    assert task.vae_stage.batch_arrays(no_captions)["image"].shape == (4, 32, 32, 3)
+    assert {"sample", "encode", "decode", "reconstruct", "encode_text", "encode_image"} <= set(task.abilities)
+    for name in task.abilities:
+        if name != "tokenizer":                         # run.tokenizer: task.tokenizer_for(DIR)
+            assert callable(getattr(task, name)), name
+    assert run.tokenizer is not None
 
 
 def test_resume_inside_the_unet_stage_is_exact(run, tmp_path, data_dir):
@@ -162,7 +242,8 @@ def test_diffusers_pipeline_reproduces_jaxgen(exported, diffusers_pipe, run, gui
     pipe = diffusers_pipe
     task = run.task
     noise = np.asarray(jax.random.normal(jax.random.key(7), (2, *task.latent_shape)), np.float32)
-    ours = task.generate_latents(run.params, PROMPTS, noise, num_steps=3, guidance_scale=guidance)
+    sampler = task.pipeline(run.params)                                      # what run.sample runs
+    ours = sampler(PROMPTS, num_inference_steps=3, guidance_scale=guidance, latents=noise, output_type="latent")
     latents = torch.from_numpy(noise.transpose(0, 3, 1, 2).copy())          # NHWC -> NCHW
     with torch.no_grad():
         ref = pipe(PROMPTS, num_inference_steps=3, guidance_scale=guidance, latents=latents,
@@ -170,7 +251,7 @@ def test_diffusers_pipeline_reproduces_jaxgen(exported, diffusers_pipe, run, gui
         ref_images = pipe(PROMPTS, num_inference_steps=3, guidance_scale=guidance, latents=latents,
                           output_type="np").images
     assert np.abs(ours - ref).max() <= 1e-3 * max(1.0, np.abs(ref).max())
-    our_images = np.clip(task.decode_latents(run.params["vae"], ours) / 2 + 0.5, 0, 1)
+    our_images = sampler(PROMPTS, num_inference_steps=3, guidance_scale=guidance, latents=noise)
     np.testing.assert_allclose(our_images, ref_images, atol=1e-3)
 
 
@@ -179,8 +260,7 @@ def test_jaxgen_pipeline_loads_the_export(exported, run):
     task = run.task
     noise = np.asarray(jax.random.normal(jax.random.key(8), (2, *task.latent_shape)), np.float32)
     images = pipe(PROMPTS, num_inference_steps=3, guidance_scale=3.0, latents=noise)
-    ours = np.clip(task.decode_latents(run.params["vae"], task.generate_latents(
-        run.params, PROMPTS, noise, num_steps=3, guidance_scale=3.0)) / 2 + 0.5, 0, 1)
+    ours = task.pipeline(run.params)(PROMPTS, num_inference_steps=3, guidance_scale=3.0, latents=noise)
     np.testing.assert_allclose(images, ours, atol=1e-4)
 
 

@@ -29,6 +29,7 @@ import jaxgen  # noqa: E402
 from jaxgen.convert.testing import randomize_torch as randomize  # noqa: E402
 from jaxgen.errors import ConfigError, DataError  # noqa: E402
 from jaxgen.tokenizer import train_tokenizer  # noqa: E402
+from helpers import nchw  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-3                 # max |ours - diffusers| over image pixels in [0, 1]
@@ -48,10 +49,6 @@ def tiny_unet(in_channels: int, seed: int):
         layers_per_block=1, down_block_types=("CrossAttnDownBlock2D",),
         up_block_types=("CrossAttnUpBlock2D",), cross_attention_dim=32, attention_head_dim=2,
         norm_num_groups=4, mid_block_type=None), seed)
-
-
-def nchw(x):
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(x, np.float32).transpose(0, 3, 1, 2)))
 
 
 def max_err(ours, ref) -> float:

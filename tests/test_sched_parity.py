@@ -22,13 +22,10 @@ diffusers = pytest.importorskip("diffusers")
 
 from jaxgen.diffusion.sampling import sample_loop  # noqa: E402
 from jaxgen.diffusion.schedulers import scheduler_from_config  # noqa: E402
+from helpers import nchw, nhwc, rel_errors  # noqa: E402
 
 SHAPE = (2, 4, 4, 3)          # NHWC; diffusers sees NCHW
 TOL = 1e-5
-
-
-def _nchw(a: np.ndarray) -> "torch.Tensor":
-    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(a, -1, 1)))
 
 
 def _stand_in(xp, x, t, phase, head):
@@ -62,14 +59,14 @@ def run_diffusers(cfg, n, init, phase, noises, step_kwargs=None, head=None):
     current = [0]
 
     def fake_randn(shape, generator=None, device=None, dtype=None, layout=None):
-        return _nchw(noises[current[0]]).to(dtype or torch.float32)
+        return nchw(noises[current[0]]).to(dtype or torch.float32)
 
     original = getattr(module, "randn_tensor", None)
     if original is not None:
         module.randn_tensor = fake_randn
     try:
-        x = _nchw(init) * ref.init_noise_sigma
-        phase_t = _nchw(phase[None])[0]
+        x = nchw(init) * ref.init_noise_sigma
+        phase_t = nchw(phase[None])[0]
         traj = []
         for k, t in enumerate(ref.timesteps):
             current[0] = k
@@ -77,9 +74,9 @@ def run_diffusers(cfg, n, init, phase, noises, step_kwargs=None, head=None):
             out = _stand_in(torch, x_in, t, phase_t, head)
             kw = dict(step_kwargs)
             if name == "DDIMScheduler" and kw.get("eta", 0) > 0:
-                kw["variance_noise"] = _nchw(noises[k])
+                kw["variance_noise"] = nchw(noises[k])
             x = ref.step(out, t, x, **kw).prev_sample
-            traj.append(np.moveaxis(x.numpy(), 1, -1))
+            traj.append(nhwc(x))
     finally:
         if original is not None:
             module.randn_tensor = original
@@ -112,10 +109,6 @@ def assert_same_ladder(ts, ref_ts):
         np.testing.assert_array_equal(ts.astype(np.int64), ref_ts)
     else:
         np.testing.assert_allclose(ts, ref_ts, rtol=1e-6, atol=0)
-
-
-def rel_errors(ours, ref):
-    return [float(np.linalg.norm(a - b) / np.linalg.norm(b)) for a, b in zip(ours, ref)]
 
 
 def inputs(seed, n_noise):

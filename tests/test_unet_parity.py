@@ -21,6 +21,7 @@ diffusers = pytest.importorskip("diffusers")
 import jaxgen  # noqa: E402
 from jaxgen.convert.testing import randomize_torch  # noqa: E402
 from jaxgen.errors import ConfigError, DataError  # noqa: E402
+from helpers import nchw, nhwc, perturbed, rel_err  # noqa: E402
 
 TOL = 1e-5
 
@@ -28,19 +29,6 @@ TOL = 1e-5
 def randomize(model, seed: int = 0):
     """randomize_torch, with the Fourier projection's frequencies ~ N(0, 4²)."""
     return randomize_torch(model, seed, {"time_proj.weight": 4.0})
-
-
-def rel_err(ours, ref) -> float:
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
-
-
-def nchw(x):
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
-
-
-def nhwc(t):
-    return t.detach().numpy().transpose(0, 2, 3, 1)
 
 
 # ---- configs ------------------------------------------------------------------------------------
@@ -120,17 +108,6 @@ def _inputs(spec, in_channels, rng, batch=2):
     return x, t
 
 
-def _perturbed(params, seed):
-    """New weights near the old ones (host NumPy: no per-shape compilation)."""
-    rng = np.random.default_rng(seed)
-
-    def bump(p):
-        p = np.asarray(p)
-        return jnp.asarray(p + 0.05 * (np.std(p) + 0.1) * rng.standard_normal(p.shape).astype(p.dtype))
-
-    return jax.tree_util.tree_map(bump, params)
-
-
 def _check_config_roundtrip(folder, cfg):
     with open(os.path.join(folder, "config.json")) as f:
         saved = json.load(f)
@@ -166,7 +143,7 @@ def test_unet2d_parity_both_directions(name, tmp_path_factory):
     assert err <= TOL, f"{name}: diffusers -> jaxgen rel. error {err:.2e}"
 
     # jaxgen -> diffusers with new weights
-    new = _perturbed(params, 3)
+    new = perturbed(params, 3)
     out_folder = str(tmp_path_factory.mktemp(f"u2d_{name}_jx"))
     jaxgen.save_pretrained(module, new, out_folder)
     _check_config_roundtrip(out_folder, cfg)
@@ -225,7 +202,7 @@ def test_unet2d_condition_parity_both_directions(name, tmp_path_factory):
     err = rel_err(ours, ref)
     assert err <= TOL, f"{name}: diffusers -> jaxgen rel. error {err:.2e}"
 
-    new = _perturbed(params, 6)
+    new = perturbed(params, 6)
     out_folder = str(tmp_path_factory.mktemp(f"u2dc_{name}_jx"))
     jaxgen.save_pretrained(module, new, out_folder)
     _check_config_roundtrip(out_folder, cfg)

@@ -23,34 +23,10 @@ diffusers = pytest.importorskip("diffusers")
 import jaxgen  # noqa: E402
 from jaxgen.errors import ConfigError, DataError  # noqa: E402
 from jaxgen.nn.gaussian import DiagonalGaussian  # noqa: E402
-from jaxgen.convert.testing import randomize_torch as randomize
+from jaxgen.convert.testing import randomize_torch as randomize  # noqa: E402
+from helpers import nchw, nhwc, perturbed, rel_err  # noqa: E402
 
 TOL = 1e-5
-
-
-
-def rel_err(ours, ref) -> float:
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
-
-
-def nchw(x):
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
-
-
-def nhwc(t):
-    return t.detach().numpy().transpose(0, 2, 3, 1)
-
-
-def perturbed(params, seed):
-    """New weights near the old ones (host NumPy: no per-shape compilation)."""
-    rng = np.random.default_rng(seed)
-
-    def bump(p):
-        p = np.asarray(p)
-        return jnp.asarray(p + 0.05 * (np.std(p) + 0.1) * rng.standard_normal(p.shape).astype(p.dtype))
-
-    return jax.tree_util.tree_map(bump, params)
 
 
 def random_params(module, *args, seed: int = 0):

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import rel_err, perturbed
 from jaxgen.convert.testing import randomize_torch as randomize
 from jaxgen.errors import ConfigError, DataError
 from jaxgen.nn.vq import (CodebookEMA, VectorQuantizer, codebook_usage, ema_init, ema_reset_codes, ema_update,
@@ -228,17 +229,6 @@ VQ_CONFIGS = {
 
 
 
-def perturbed(params, seed: int):
-    """New weights near the old ones (host NumPy: no per-shape compilation)."""
-    rng = np.random.default_rng(seed)
-
-    def bump(p):
-        p = np.asarray(p)
-        return jnp.asarray(p + 0.05 * (np.std(p) + 0.1) * rng.standard_normal(p.shape).astype(p.dtype))
-
-    return jax.tree_util.tree_map(bump, params)
-
-
 def check_config_roundtrip(folder, cfg):
     with open(os.path.join(folder, "config.json")) as f:
         saved = json.load(f)
@@ -264,11 +254,6 @@ def _torch_vq(pt, torch, x, h, idx, recon):
         else:
             out["dec_nq"] = to_nhwc(pt.decode(from_nhwc(h), force_not_quantize=True).sample)
     return out
-
-
-def _rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 @pytest.mark.parametrize("name", sorted(VQ_CONFIGS))
@@ -314,7 +299,7 @@ def test_vqmodel_parity_both_directions(name, tmp_path_factory):
         ref = _torch_vq(pt_model, torch, x, h_ref, idx, recon)
         ours = jax.device_get(run(p, x, h_ref, idx))
         np.testing.assert_array_equal(ours["idx"], ref["idx"])
-        errs = {k: _rel(ours[k], ref[k]) for k in ref if k != "idx"}
+        errs = {k: rel_err(ours[k], ref[k]) for k in ref if k != "idx"}
         assert max(errs.values()) <= TOL, f"{name}: {tag} rel. errors {errs}"
         return errs, ref
 
@@ -325,7 +310,7 @@ def test_vqmodel_parity_both_directions(name, tmp_path_factory):
     check_config_roundtrip(out_folder, cfg)
     pt2 = diffusers.VQModel.from_pretrained(out_folder).eval()
     errs2, ref2 = compare(pt2, new, "jaxgen -> diffusers")
-    assert _rel(ref2["dec"], ref["dec"]) > 1e-4
+    assert rel_err(ref2["dec"], ref["dec"]) > 1e-4
     fmt = lambda e: ", ".join(f"{k} {v:.1e}" for k, v in e.items())  # noqa: E731
     print(f"VQModel[{name}]: diffusers->jaxgen {fmt(errs)} | jaxgen->diffusers {fmt(errs2)}")
 

@@ -14,7 +14,8 @@ from configs.digits_vqvae import get_config
 from jaxgen.data.pipeline import images_to_float
 from jaxgen.errors import ConfigError, DataError
 from jaxgen.training.tasks import make_task
-from jaxgen.training.trainer import Trainer, stage_config, train
+from jaxgen.training.stages import stage_config
+from jaxgen.training.trainer import Trainer, train
 
 
 def _steps(workdir, stage):

@@ -60,13 +60,14 @@ def main(argv):
             labels = np.asarray([int(v) for v in F.labels], np.int32)
             labels = np.resize(labels, F.num) if len(labels) == 1 else labels
         prompts = _prompts(F) if F.prompt else None
-        if hasattr(run.task, "sample"):
+        if "sample" in run.abilities:
             images = run.sample(F.num, seed=F.seed, labels=labels, prompts=prompts, num_steps=F.steps,
                                 guidance_scale=F.guidance, scheduler=F.scheduler)
-        elif hasattr(run.task, "decode"):
-            images = run.task.sample_codes(run, F.num, F.seed)
+        elif "decode_random_codes" in run.abilities:
+            images = run.decode_random_codes(F.num, seed=F.seed)
         else:
-            raise JaxgenError(f"a {run.task.name!r} run does not generate images.")
+            raise JaxgenError(f"a {run.task.name!r} run does not generate images; it offers "
+                              f"{', '.join(run.abilities) or 'no methods'}.")
     except JaxgenError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -101,13 +102,13 @@ def _prompts(F) -> list[str]:
 
 
 def _save(F, images, labels, prompts):
-    from jaxgen.eval.images import make_grid, prompt_grid_png, save_png
+    from jaxgen.eval.images import make_grid, preview_upscale, prompt_grid_png, save_png
 
     os.makedirs(os.path.dirname(os.path.abspath(F.out)), exist_ok=True)
     if F.out.endswith(".png") and F.per_prompt:
         prompt_grid_png(F.out, list(F.prompt), images, per_prompt=F.per_prompt)
     elif F.out.endswith(".png"):
-        save_png(F.out, make_grid(images, ncol=min(F.num, 8), upscale=4 if images.shape[1] < 16 else 1))
+        save_png(F.out, make_grid(images, ncol=min(F.num, 8), upscale=preview_upscale(images.shape[1])))
     else:
         extra = {k: v for k, v in (("labels", labels), ("prompts", prompts)) if v is not None}
         np.savez(F.out, images=images, **extra)

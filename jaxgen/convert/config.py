@@ -32,13 +32,24 @@ def read_json(path: str | os.PathLike) -> dict:
     return value
 
 
-def _freeze(value: Any) -> Any:
+def freeze(value: Any) -> Any:
     """JSON lists become tuples so that values can sit in (hashable) Flax module fields."""
     if isinstance(value, list):
-        return tuple(_freeze(v) for v in value)
+        return tuple(freeze(v) for v in value)
     if isinstance(value, dict):
-        return {k: _freeze(v) for k, v in value.items()}
+        return {k: freeze(v) for k, v in value.items()}
     return value
+
+
+# -- predicates for filter_config's ``supported`` tables -------------------------------------------
+def is_int(value: Any) -> bool:
+    """A JSON integer: an int that is not a bool (True is an int in Python, not in a config)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def all_in(allowed: tuple) -> Callable[[Any], bool]:
+    """A predicate: the value is a non-empty tuple or list whose every item is in ``allowed``."""
+    return lambda value: isinstance(value, (tuple, list)) and len(value) > 0 and all(v in allowed for v in value)
 
 
 def module_fields(cls) -> dict[str, Any]:
@@ -85,7 +96,7 @@ def filter_config(
         if key not in fields:
             ignored.append(key)
             continue
-        value = _freeze(value)
+        value = freeze(value)
         check = supported.get(key)
         if check is not None and not (value is None and fields[key] is None):
             ok = check(value) if callable(check) else value in check

@@ -1,4 +1,5 @@
-"""Datasets: embedded TFDS datasets (digits, shapes), named TFDS datasets and image folders.
+"""Datasets: embedded TFDS datasets (digits, shapes, photos), named TFDS datasets and image folders
+(single images, paired / n-tuple fields, clips); examples are named fields of any rank.
 
 ``load_dataset(name, split, data_dir=None, **options) -> ArrayDataset`` is the entry point
 (``jaxgen.data.sources``); ``describe(ds)`` gives a log line. Importing this package is light:

@@ -9,12 +9,14 @@ Names:
   out of the user's TFDS directory); later calls read the prepared ArrayRecord files.
   Preparation holds a file lock in ``data_dir``, so processes sharing it (several hosts,
   parallel tests) prepare once.
-- ``"folder:/path"``: an image folder (``jaxgen.data.folder``); ``data_dir`` is not used.
+- ``"folder:/path"``: an image folder, a paired-image folder (``fields=``) or a clip folder
+  (``clips=True``), see ``jaxgen.data.folder``; ``data_dir`` is not used.
 - any other name: a TFDS dataset (``"mnist"``, ``"cifar10"``, ``"mnist:3.0.1"``, ...) already
   prepared in ``data_dir`` (default: ``$JAXGEN_DATA_DIR``, else TFDS's own default,
   ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``) in a random-access format (ArrayRecord).
   jaxgen never downloads: a missing dataset is a DataError saying where it looked and how to
-  provide it.
+  provide it. Besides the image, label and caption, every uint8 image-like feature ([H, W, C] or
+  [F, H, W, C]) and every Text feature is kept by its feature name (``ds.arrays``, ``ds.texts``).
 
 Everything is read through ``builder.as_data_source()``, which never imports TensorFlow, and held
 in memory as an ``ArrayDataset``.
@@ -32,6 +34,8 @@ from jaxgen.errors import DataError
 
 EMBEDDED = ("digits", "shapes", "photos")
 FOLDER_PREFIX = "folder:"
+FOLDER_OPTIONS = ("resolution", "caption_column", "text_columns", "fields", "grayscale", "clips",
+                  "num_frames")
 DEFAULT_MAX_BYTES = 8 * 2**30  # refuse to hold more than this many image bytes in memory
 _READ_CHUNK = 4096  # examples decoded per data-source call
 
@@ -60,22 +64,40 @@ def load_dataset(name: str, split: str, data_dir: str | None = None, **options) 
       shapes: seed (int, default 0): jitter seed; num_examples: int (size of the requested
         split) or {split: int}; defaults train 6,480, test 1,620, heldout 180. Each distinct
         setting is prepared once, in its own directory.
-      folder: resolution (int or (height, width): resize + center-crop), caption_column ("text").
-      TFDS names: resolution (as for folders; needed when image sizes vary), max_bytes (memory
-        cap, default 8 GiB).
+      folder (layouts in ``jaxgen.data.folder``):
+        resolution: int or (height, width) for every image field, or {field: int or (h, w)}
+          for some (the others keep their size): resize + center-crop.
+        caption_column: the metadata.jsonl key of the captions ("text"); None: no captions.
+        text_columns: further metadata.jsonl keys read as text fields, e.g. ("edit_prompt",)
+          -> ds.texts["edit_prompt"], list of N str.
+        fields: paired / n-tuple folders, e.g. ("source", "image"): one subfolder per field
+          with the same file names -> "image" as ds.images [N, H, W, C], the others as
+          ds.arrays[field] uint8 [N, H_f, W_f, C_f].
+        grayscale: fields stored as luma [..., 1] instead of RGB, e.g. ("source",);
+          ("image",) for a single-image folder, ("frames",) for clips.
+        clips: True: each example is a subfolder of frames or a .npy/.npz clip ->
+          ds.arrays["frames"] uint8 [N, F, H, W, C], ds.images None.
+        num_frames: clips only: keep the first K frames of each clip (default: all; then all
+          clips must have the same count).
+      TFDS names: resolution (as for folders, applied to every image-like feature; needed when
+        image sizes vary), max_bytes (memory cap on all image bytes, default 8 GiB).
     Returns an ArrayDataset: images uint8 [N, H, W, C]; digits [N, 8, 8, 1] with labels 0-9 and
     captions; shapes [N, 32, 32, 3] with labels = combination index (180 classes), captions and
     attributes shape/color/size/position; photos [N, 32, 32, 3] with labels = photo (china 0,
-    flower 1) and attributes top/left (4,096 train, 512 test patches); folders [N, H, W, 3] with captions if metadata.jsonl
-    exists; TFDS datasets their "image" feature, "label" (ClassLabel) and "caption"/"text" (Text)
-    when present. Raises DataError for unknown names/splits/options and missing data.
+    flower 1) and attributes top/left (4,096 train, 512 test patches); folders [N, H, W, 3] with
+    captions if metadata.jsonl exists (paired folders and clips: see the options above); TFDS
+    datasets their "image" feature as images (else the only uint8 [H, W, C] feature, else none),
+    every other uint8 Image/Tensor/Video feature of shape [H, W, C] or [F, H, W, C] as
+    ds.arrays[feature] [N, ...], "label" (ClassLabel) as labels, "caption"/"text" (Text) as
+    captions and every other Text feature as ds.texts[feature] (list of N str). Raises DataError
+    for unknown names/splits/options and missing data.
     """
     if not isinstance(name, str) or not isinstance(split, str):
         raise DataError(f"load_dataset(name, split) takes strings, got {name!r}, {split!r}")
     if name.startswith(FOLDER_PREFIX):
         from jaxgen.data.folder import load_folder
 
-        _check_options(name, options, ("resolution", "caption_column"))
+        _check_options(name, options, FOLDER_OPTIONS)
         return load_folder(name[len(FOLDER_PREFIX):], split, **options)
     if name == "digits":
         _check_options(name, options, ())
@@ -265,7 +287,7 @@ def _load_tfds(name: str, split: str, data_dir: str, resolution=None,
                max_bytes: int = DEFAULT_MAX_BYTES) -> ArrayDataset:
     import tensorflow_datasets as tfds
 
-    from jaxgen.data.folder import resize_center_crop
+    from jaxgen.data.folder import field_resolutions
 
     try:
         builder = tfds.builder(name, data_dir=data_dir)
@@ -291,11 +313,14 @@ def _load_tfds(name: str, split: str, data_dir: str, resolution=None,
             "--file_format=array_record`) and copy it here."
         )
     features = builder.info.features
-    image_key = _image_key(name, features)
+    array_keys = _image_like_features(features)   # uint8 rank-3/4 features, by name
+    image_key = _image_key(name, features, array_keys)
     label_feature = features["label"] if "label" in features.keys() else None
     has_labels = isinstance(label_feature, tfds.features.ClassLabel)
     caption_key = next((k for k in ("caption", "text") if k in features.keys()
                         and isinstance(features[k], tfds.features.Text)), None)
+    text_keys = [k for k in features.keys() if k != caption_key and isinstance(features[k], tfds.features.Text)]
+    targets = field_resolutions(resolution, array_keys)
 
     try:
         source = builder.as_data_source(split=split)
@@ -303,43 +328,47 @@ def _load_tfds(name: str, split: str, data_dir: str, resolution=None,
         raise DataError(f"TFDS dataset {name!r}: cannot open split {split!r} ({e}); available splits: "
                         f"{sorted(builder.info.splits)}") from e
     n = len(source)
-    shape = tuple(features[image_key].shape)
-    if resolution is not None:
-        from jaxgen.data.folder import _resolution_hw
-
-        shape = _resolution_hw(resolution) + shape[-1:]
-    if None not in shape and n * int(np.prod(shape)) > max_bytes:
-        raise DataError(f"{name!r} split {split!r} holds {n} images {shape} = {n * np.prod(shape) / 2**30:.1f} GiB, "
-                        f"over max_bytes={max_bytes}; load a slice (e.g. '{split}[:10%]') or raise max_bytes")
-    images, labels, texts, total = [], [], [], 0
+    per_example = 0
+    for key in array_keys:
+        shape = tuple(features[key].shape)
+        shape = shape + (1,) if len(shape) == 2 else shape  # a [H, W] "image" is read as [H, W, 1]
+        if targets[key] is not None:
+            shape = shape[:-3] + targets[key] + shape[-1:]
+        per_example = None if per_example is None or None in shape else per_example + int(np.prod(shape))
+    if per_example is not None and n * per_example > max_bytes:
+        raise DataError(f"{name!r} split {split!r} holds {n} examples of {per_example} image bytes ({array_keys}) = "
+                        f"{n * per_example / 2**30:.1f} GiB, over max_bytes={max_bytes}; load a slice "
+                        f"(e.g. '{split}[:10%]') or raise max_bytes")
+    arrays = {k: [] for k in array_keys}
+    labels, captions, texts, total = [], [], {k: [] for k in text_keys}, 0
     for start in range(0, n, _READ_CHUNK):
         for j, ex in enumerate(source.__getitems__(list(range(start, min(n, start + _READ_CHUNK)))), start):
-            img = np.asarray(ex[image_key])
-            if img.ndim == 2:
-                img = img[..., None]  # [H, W] -> [H, W, 1]
-            if img.dtype != np.uint8 or img.ndim != 3 or img.shape[-1] not in (1, 3):
-                raise DataError(f"{name!r} example {j}: feature {image_key!r} is {img.dtype} {img.shape}; "
-                                "jaxgen needs uint8 [H, W, 1 or 3] images")
-            if resolution is not None:
-                img = resize_center_crop(img, resolution)
-            elif images and img.shape != images[0].shape:
-                raise DataError(f"{name!r} example {j} is {img.shape} but example 0 is {images[0].shape}; "
-                                "pass resolution= to resize and center-crop all images to one size")
-            total += img.nbytes
+            for key in array_keys:
+                x = _image_value(name, j, key, ex[key], targets[key], main=key == image_key)
+                if arrays[key] and x.shape != arrays[key][0].shape:
+                    fix = "resolution=" if key == image_key else f"resolution={{{key!r}: size}} (or one int for all)"
+                    raise DataError(f"{name!r} example {j}: feature {key!r} is {x.shape} but example 0 has "
+                                    f"{arrays[key][0].shape}; pass {fix} to resize and center-crop it to one size")
+                total += x.nbytes
+                arrays[key].append(x)
             if total > max_bytes:
                 raise DataError(f"{name!r} split {split!r} exceeds max_bytes={max_bytes} after {j + 1} of {n} "
-                                f"images; load a slice (e.g. '{split}[:10%]') or raise max_bytes")
-            images.append(img)
+                                f"examples; load a slice (e.g. '{split}[:10%]') or raise max_bytes")
             if has_labels:
                 labels.append(int(ex["label"]))
             if caption_key is not None:
-                texts.append(ex[caption_key].decode("utf-8"))
-    if not images:
+                captions.append(ex[caption_key].decode("utf-8"))
+            for key in text_keys:
+                texts[key].append(ex[key].decode("utf-8"))
+    if n == 0:
         raise DataError(f"TFDS dataset {name!r} split {split!r} is empty")
+    stacked = {k: np.stack(v) for k, v in arrays.items()}
     return ArrayDataset(
-        images=np.stack(images),
+        images=stacked.pop(image_key) if image_key is not None else None,
         labels=np.asarray(labels, np.int32) if has_labels else None,
-        captions=texts if caption_key is not None else None,
+        captions=captions if caption_key is not None else None,
+        arrays=stacked,
+        texts=texts,
         name=name,
         split=split,
         num_classes=int(label_feature.num_classes) if has_labels else None,
@@ -347,16 +376,70 @@ def _load_tfds(name: str, split: str, data_dir: str, resolution=None,
     )
 
 
-def _image_key(name: str, features) -> str:
-    """The feature holding the images: "image", else the only rank-3 uint8 Image/Tensor feature."""
+def _is_uint8(dtype) -> bool:
+    try:
+        return np.dtype(dtype) == np.uint8
+    except (TypeError, ValueError, KeyError):
+        return False
+
+
+def _image_like_features(features) -> list[str]:
+    """Names of the uint8 Image / Tensor / Video features of rank 3 ([H, W, C]) or 4 ([F, H, W, C])
+    per example, plus a uint8 [H, W] "image" (read as [H, W, 1])."""
     import tensorflow_datasets as tfds
 
+    kinds = (tfds.features.Image, tfds.features.Tensor, tfds.features.Sequence)  # Video is a Sequence
+    keys = []
+    for k in features.keys():
+        f = features[k]
+        if not isinstance(f, kinds) or isinstance(f, tfds.features.Text):
+            continue
+        try:
+            if not isinstance(f.shape, (tuple, list)):
+                continue
+            shape = tuple(f.shape)
+            if not (len(shape) in (3, 4) or (k == "image" and len(shape) == 2)):
+                continue
+            dtype = f.np_dtype  # not .dtype, which imports TensorFlow
+        except (AttributeError, TypeError, ValueError):
+            continue
+        if _is_uint8(dtype):
+            keys.append(k)
+    return keys
+
+
+def _image_key(name: str, features, array_keys: list[str]) -> str | None:
+    """The feature that becomes ``ds.images``: "image", else the only image-like feature when it
+    is [H, W, C]; None when the others are all kept by name (e.g. a dataset of "lr"/"hr" pairs)."""
     if "image" in features.keys():
+        if "image" not in array_keys:
+            raise DataError(f"TFDS dataset {name!r}: feature 'image' is {features['image']!r}; jaxgen needs uint8 "
+                            "[H, W, C] images")
         return "image"
-    candidates = [k for k in features.keys()
-                  if isinstance(features[k], (tfds.features.Image, tfds.features.Tensor))
-                  and len(features[k].shape) == 3 and features[k].dtype == np.uint8]
-    if len(candidates) != 1:
-        raise DataError(f"TFDS dataset {name!r} has no single image feature (features: {list(features.keys())}); "
-                        "jaxgen reads the 'image' feature, or the only uint8 [H, W, C] one")
-    return candidates[0]
+    if not array_keys:
+        raise DataError(f"TFDS dataset {name!r} has no image feature (features: {list(features.keys())}); "
+                        "jaxgen reads uint8 Image / Tensor / Video features of shape [H, W, C] or [F, H, W, C]")
+    if len(array_keys) == 1 and len(features[array_keys[0]].shape) == 3:
+        return array_keys[0]
+    return None
+
+
+def _image_value(name: str, j: int, key: str, value, target, main: bool) -> np.ndarray:
+    """One example's uint8 [H, W, C] or [F, H, W, C] of feature ``key``, resized to ``target``."""
+    from jaxgen.data.folder import resize_center_crop
+
+    x = np.asarray(value)
+    if main and x.ndim == 2:
+        x = x[..., None]  # [H, W] -> [H, W, 1]
+    if x.dtype != np.uint8 or x.ndim not in (3, 4) or (main and (x.ndim != 3 or x.shape[-1] not in (1, 3))):
+        want = "[H, W, 1 or 3]" if main else "[H, W, C] or [F, H, W, C]"
+        raise DataError(f"{name!r} example {j}: feature {key!r} is {x.dtype} {list(x.shape)}; jaxgen reads it as "
+                        f"uint8 {want} images")
+    if target is None:
+        return x
+    if x.shape[-1] not in (1, 3):
+        raise DataError(f"{name!r} example {j}: feature {key!r} is {list(x.shape)} with {x.shape[-1]} channels, "
+                        "which cannot be resized; give resolution as a dict {field: size} without it")
+    if x.ndim == 3:
+        return resize_center_crop(x, target)
+    return np.stack([resize_center_crop(frame, target) for frame in x])

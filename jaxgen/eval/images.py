@@ -6,6 +6,12 @@ import os
 import numpy as np
 
 
+def preview_upscale(image_size: int) -> int:
+    """How much to enlarge images of ``image_size`` pixels in preview grids and PNGs: 4x below
+    16 px (8x8 digits), 2x up to 32 px (shapes), 1x above."""
+    return 4 if image_size < 16 else 2 if image_size <= 32 else 1
+
+
 def make_grid(images: np.ndarray, ncol: int = 8, pad: int = 1, upscale: int = 1,
               pad_value: int = 64) -> np.ndarray:
     """uint8 [N, H, W, C] -> one uint8 [rows*(H+pad)+pad, ncol*(W+pad)+pad, C] grid, row-major.

@@ -13,16 +13,17 @@ import jax.numpy as jnp
 
 from jaxgen.convert.pretrained import Pretrained
 from jaxgen.errors import ConfigError
+from jaxgen.nn.activations import Activation, activation
 from jaxgen.nn.gaussian import DiagonalGaussian
 
-ACTIVATIONS = {"relu": nn.relu, "silu": nn.silu, "gelu": lambda x: nn.gelu(x, approximate=False),
-               "tanh": jnp.tanh, "elu": nn.elu}
+# the names of jaxgen.nn.activations these modules accept as ``act`` ("gelu": exact erf GELU)
+AUTOENCODER_ACTIVATION_NAMES = ("relu", "silu", "gelu", "tanh", "elu")
 
 
-def _activation(name: str):
-    if name not in ACTIVATIONS:
-        raise ConfigError(f"act={name!r}: choose one of {', '.join(ACTIVATIONS)}.")
-    return ACTIVATIONS[name]
+def _act(module) -> Activation:
+    """The activation ``module.act`` names (a ConfigError naming the module if it is not one of
+    AUTOENCODER_ACTIVATION_NAMES)."""
+    return activation(module.act, AUTOENCODER_ACTIVATION_NAMES, field="act", owner=type(module).__name__)
 
 
 class DenseAutoencoder(nn.Module, Pretrained):
@@ -46,7 +47,7 @@ class DenseAutoencoder(nn.Module, Pretrained):
 
     def encode(self, x: jax.Array) -> jax.Array:
         """x: [B, H, W, C] in [-1, 1] -> code [B, latent_dim]."""
-        act = _activation(self.act)
+        act = _act(self)
         h = x.reshape(x.shape[0], -1)  # flatten pixels: [B, H*W*C]
         for layer in self.encoder_layers:
             h = act(layer(h))
@@ -54,7 +55,7 @@ class DenseAutoencoder(nn.Module, Pretrained):
 
     def decode(self, z: jax.Array) -> jax.Array:
         """z: [B, latent_dim] -> images [B, H, W, C] (unbounded; ~[-1, 1] once trained)."""
-        act = _activation(self.act)
+        act = _act(self)
         h = z
         for layer in self.decoder_layers:
             h = act(layer(h))
@@ -113,7 +114,7 @@ class ConvAutoencoder(nn.Module, Pretrained):
         return self.latent_dim
 
     def _encode(self, x):
-        act = _activation(self.act)
+        act = _act(self)
         skips, h = [], x
         for c, d in zip(self.enc_convs, self.enc_downs):
             h = act(c(h))
@@ -133,7 +134,7 @@ class ConvAutoencoder(nn.Module, Pretrained):
         if self.skip and skips is None:
             raise ValueError("a skip-connected autoencoder decodes only with its encoder's feature "
                              "maps: call the module on images (reconstruct), not decode(codes).")
-        act = _activation(self.act)
+        act = _act(self)
         h = z
         if self.latent_dim:
             h = act(self.from_code(act(self.dec_hidden(z))))

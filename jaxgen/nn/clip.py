@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import flax
 import flax.linen as nn
@@ -34,9 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgen.convert.config import filter_config, module_fields
+from jaxgen.convert.config import filter_config, is_int, module_fields
 from jaxgen.convert.pretrained import TRANSFORMERS_VERSION, Pretrained
 from jaxgen.errors import ConfigError, DataError
+from jaxgen.nn.activations import activation
 from jaxgen.nn.attention import IMPLEMENTATIONS, dot_product_attention
 
 Dtype = Any
@@ -46,19 +47,9 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def _quick_gelu(x):
-    return x * jax.nn.sigmoid(1.702 * x)
-
-
-# transformers' ACT2FN names -> the same function. "gelu" is the exact erf GELU.
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "quick_gelu": _quick_gelu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-}
+# the transformers ACT2FN names jaxgen's CLIP accepts as hidden_act (jaxgen.nn.activations holds
+# the functions: "gelu" is the exact erf GELU, "gelu_new" / "gelu_pytorch_tanh" the tanh form)
+CLIP_ACTIVATION_NAMES = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu")
 
 # Fields every transformers PretrainedConfig may carry that say nothing about the architecture;
 # they are dropped quietly when reading a config.json (other unknown fields get a warning).
@@ -81,22 +72,18 @@ _GENERIC_HF_KEYS = frozenset({
 _RUNTIME_FIELDS = ("dtype", "param_dtype", "attention_impl")
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 _COMMON_SUPPORTED = {
-    "hidden_act": tuple(ACTIVATIONS),
-    "hidden_size": _is_int,
-    "intermediate_size": _is_int,
-    "num_hidden_layers": _is_int,
-    "num_attention_heads": _is_int,
-    "projection_dim": _is_int,
+    "hidden_act": CLIP_ACTIVATION_NAMES,
+    "hidden_size": is_int,
+    "intermediate_size": is_int,
+    "num_hidden_layers": is_int,
+    "num_attention_heads": is_int,
+    "projection_dim": is_int,
 }
-TEXT_SUPPORTED = {**_COMMON_SUPPORTED, "vocab_size": _is_int, "max_position_embeddings": _is_int,
-                  "eos_token_id": _is_int}
-VISION_SUPPORTED = {**_COMMON_SUPPORTED, "image_size": _is_int, "patch_size": _is_int,
-                    "num_channels": _is_int}
+TEXT_SUPPORTED = {**_COMMON_SUPPORTED, "vocab_size": is_int, "max_position_embeddings": is_int,
+                  "eos_token_id": is_int}
+VISION_SUPPORTED = {**_COMMON_SUPPORTED, "image_size": is_int, "patch_size": is_int,
+                    "num_channels": is_int}
 
 
 def _clean_hf_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -175,9 +162,7 @@ class TowerSpec:
     attention_impl: str = "xla"
 
     def check(self, owner: str) -> None:
-        if self.hidden_act not in ACTIVATIONS:
-            raise ConfigError(f"{owner}: hidden_act={self.hidden_act!r} is not implemented; choose one "
-                              f"of {', '.join(ACTIVATIONS)}.")
+        activation(self.hidden_act, CLIP_ACTIVATION_NAMES, field="hidden_act", owner=owner)  # or ConfigError
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"{owner}: hidden_size={self.hidden_size} is not divisible by "
                               f"num_attention_heads={self.num_attention_heads}.")
@@ -236,7 +221,8 @@ class CLIPMLP(nn.Module):
         self.fc2 = _dense(s, d, d**-0.5 * (2 * s.num_hidden_layers) ** -0.5 * f)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(ACTIVATIONS[self.spec.hidden_act](self.fc1(x)))
+        act = activation(self.spec.hidden_act, CLIP_ACTIVATION_NAMES, field="hidden_act")
+        return self.fc2(act(self.fc1(x)))
 
 
 class CLIPEncoderLayer(nn.Module):
@@ -619,7 +605,7 @@ class CLIPModel(nn.Module, _CLIPPretrained):
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "xla"
 
-    pt_supported = {"projection_dim": _is_int}
+    pt_supported = {"projection_dim": is_int}
     pt_model_type = "clip"
 
     def __post_init__(self):

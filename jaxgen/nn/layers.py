@@ -4,8 +4,9 @@ Who uses what:
 
 * ``get_timestep_embedding``, ``GaussianFourierProjection``, ``TimestepEmbedding``: the time (and
   class) conditioning of the U-Nets (``jaxgen.nn.unet``).
-* ``group_norm``, ``activation``, ``conv2d``: one place that fixes the PyTorch-equal settings
-  (explicit epsilon, ``use_fast_variance=False``, exact erf GELU, explicit padding).
+* ``group_norm``, ``conv2d``: one place that fixes the PyTorch-equal settings (explicit epsilon,
+  ``use_fast_variance=False``, explicit padding). Activations come from ``jaxgen.nn.activations``
+  (exact erf GELU), limited to diffusers' names (``DIFFUSERS_ACTIVATION_NAMES``).
 * ``ResnetBlock2D``: every U-Net block (with a time embedding) and the VAE / VQ encoders and
   decoders (``temb=None``: then it has no ``time_emb_proj``).
 * ``Downsample2D`` / ``Upsample2D``: U-Net (``padding=1``) and VAE (``padding=0`` = diffusers'
@@ -26,7 +27,7 @@ Every module takes ``dtype`` (computation dtype, e.g. ``jnp.bfloat16``) and ``pa
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -34,36 +35,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgen.errors import ConfigError
+from jaxgen.nn.activations import DIFFUSERS_ACTIVATION_NAMES, activation, exact_gelu, tanh_gelu
 from jaxgen.nn.attention import IMPLEMENTATIONS, dot_product_attention
 
 Dtype = Any
-
-ACTIVATIONS = ("silu", "swish", "mish", "gelu", "relu")
 
 
 # ------------------------------------------------------------------------------------------------
 # small helpers
 # ------------------------------------------------------------------------------------------------
-def _mish(x):
-    return x * jnp.tanh(jax.nn.softplus(x))
-
-
-def _exact_gelu(x):
-    return jax.nn.gelu(x, approximate=False)
-
-
-def activation(name: str) -> Callable[[jax.Array], jax.Array]:
-    """The elementwise activation diffusers' ``get_activation(name)`` returns.
-
-    name: "silu" / "swish", "mish", "gelu" (exact erf GELU, as torch.nn.GELU), "relu".
-    """
-    table = {"silu": jax.nn.silu, "swish": jax.nn.silu, "mish": _mish, "gelu": _exact_gelu,
-             "relu": jax.nn.relu}
-    if name not in table:
-        raise ConfigError(f"activation {name!r} is not implemented; choose one of {ACTIVATIONS}.")
-    return table[name]
-
-
 def group_norm(num_groups: int, eps: float, *, dtype: Dtype = jnp.float32,
                param_dtype: Dtype = jnp.float32, name: str | None = None) -> nn.GroupNorm:
     """torch.nn.GroupNorm(num_groups, C, eps, affine=True) over the last axis of [B, ..., C].
@@ -209,11 +189,11 @@ class TimestepEmbedding(nn.Module):
         x = nn.Dense(self.time_embed_dim, use_bias=self.sample_proj_bias, dtype=self.dtype,
                      param_dtype=self.param_dtype, name="linear_1")(x)
         if self.act_fn is not None:
-            x = activation(self.act_fn)(x)
+            x = activation(self.act_fn, DIFFUSERS_ACTIVATION_NAMES, field="act_fn")(x)
         x = nn.Dense(self.out_dim or self.time_embed_dim, use_bias=self.sample_proj_bias,
                      dtype=self.dtype, param_dtype=self.param_dtype, name="linear_2")(x)
         if self.post_act_fn is not None:
-            x = activation(self.post_act_fn)(x)
+            x = activation(self.post_act_fn, DIFFUSERS_ACTIVATION_NAMES, field="post_act_fn")(x)
         return x
 
 
@@ -309,7 +289,7 @@ class ResnetBlock2D(nn.Module):
             raise ConfigError(f"ResnetBlock2D: time_embedding_norm={self.time_embedding_norm!r} is not "
                               "implemented (implemented: 'default', 'scale_shift').")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        act = activation(self.non_linearity)
+        act = activation(self.non_linearity, DIFFUSERS_ACTIVATION_NAMES, field="non_linearity")
         in_channels = x.shape[-1]
         out_channels = self.out_channels or in_channels
         conv_out_channels = self.conv_2d_out_channels or out_channels
@@ -487,7 +467,7 @@ class GEGLU(nn.Module):
         h = nn.Dense(2 * self.dim_out, use_bias=self.bias, dtype=self.dtype, param_dtype=self.param_dtype,
                      name="proj")(x)
         a, gate = jnp.split(h, 2, axis=-1)
-        return a * _exact_gelu(gate)
+        return a * exact_gelu(gate)
 
 
 class GELU(nn.Module):
@@ -503,7 +483,7 @@ class GELU(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         h = nn.Dense(self.dim_out, use_bias=self.bias, dtype=self.dtype, param_dtype=self.param_dtype,
                      name="proj")(x)
-        return jax.nn.gelu(h, approximate=self.approximate == "tanh")
+        return (tanh_gelu if self.approximate == "tanh" else exact_gelu)(h)
 
 
 FEED_FORWARD_ACTIVATIONS = ("geglu", "gelu", "gelu-approximate")

@@ -22,11 +22,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxgen.convert.config import all_in, is_int
 from jaxgen.convert.pretrained import Pretrained
 from jaxgen.errors import ConfigError, DataError
+from jaxgen.nn.activations import DIFFUSERS_ACTIVATION_NAMES, activation
 from jaxgen.nn.attention import IMPLEMENTATIONS
-from jaxgen.nn.layers import (ACTIVATIONS, Attention, Downsample2D, GaussianFourierProjection, ResnetBlock2D,
-                              TimestepEmbedding, Transformer2DModel, UNetMidBlock2D, Upsample2D, activation,
+from jaxgen.nn.layers import (Attention, Downsample2D, GaussianFourierProjection, ResnetBlock2D,
+                              TimestepEmbedding, Transformer2DModel, UNetMidBlock2D, Upsample2D,
                               conv2d, get_timestep_embedding, group_norm)
 
 Dtype = Any
@@ -236,14 +238,6 @@ class UNetMidBlock2DCrossAttn(_CrossAttnFields, _Block):
 # ------------------------------------------------------------------------------------------------
 # shared model plumbing
 # ------------------------------------------------------------------------------------------------
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _all_in(allowed):
-    return lambda v: isinstance(v, (tuple, list)) and all(x in allowed for x in v)
-
-
 def _per_block(value, n: int, field: str, owner: str) -> tuple:
     """An int/bool/None field, or a tuple with one entry per block, as an n-tuple."""
     if isinstance(value, (tuple, list)):
@@ -352,17 +346,17 @@ class UNet2DModel(nn.Module, _DiffusersUNet):
     param_dtype: Dtype = jnp.float32
 
     pt_supported: ClassVar[Mapping[str, Any]] = {
-        "down_block_types": _all_in(("DownBlock2D", "AttnDownBlock2D")),
-        "up_block_types": _all_in(("UpBlock2D", "AttnUpBlock2D")),
+        "down_block_types": all_in(("DownBlock2D", "AttnDownBlock2D")),
+        "up_block_types": all_in(("UpBlock2D", "AttnUpBlock2D")),
         "mid_block_type": lambda v: v in (None, "UNetMidBlock2D"),
         "time_embedding_type": ("positional", "fourier", "learned"),
         "downsample_type": ("conv", "resnet"),
         "upsample_type": ("conv", "resnet"),
-        "act_fn": ACTIVATIONS,
+        "act_fn": DIFFUSERS_ACTIVATION_NAMES,
         "resnet_time_scale_shift": ("default", "scale_shift"),
         "class_embed_type": ("timestep", "identity"),
-        "norm_num_groups": _is_int,
-        "layers_per_block": _is_int,
+        "norm_num_groups": is_int,
+        "layers_per_block": is_int,
     }
 
     def dummy_inputs(self):
@@ -549,8 +543,8 @@ class UNet2DConditionModel(nn.Module, _DiffusersUNet):
     # resnet_skip_time_act, resnet_out_scale_factor, cross_attention_norm, mid_block_only_cross_attention
     # and addition_embed_type_num_heads only reach block types jaxgen does not implement: any value is fine.
     pt_supported: ClassVar[Mapping[str, Any]] = {
-        "down_block_types": _all_in(_COND_DOWN),
-        "up_block_types": _all_in(_COND_UP),
+        "down_block_types": all_in(_COND_DOWN),
+        "up_block_types": all_in(_COND_UP),
         "mid_block_type": lambda v: v in (None, "UNetMidBlock2DCrossAttn", "UNetMidBlock2D"),
         "dual_cross_attention": (False,),
         "attention_type": ("default",),
@@ -559,11 +553,11 @@ class UNet2DConditionModel(nn.Module, _DiffusersUNet):
         "encoder_hid_dim_type": ("text_proj",),
         "time_embedding_type": ("positional", "fourier"),
         "resnet_time_scale_shift": ("default", "scale_shift"),
-        "act_fn": ACTIVATIONS,
-        "time_embedding_act_fn": ACTIVATIONS,
-        "timestep_post_act": ACTIVATIONS,
-        "norm_num_groups": _is_int,
-        "cross_attention_dim": lambda v: _is_int(v) or (isinstance(v, tuple) and len(set(v)) == 1),
+        "act_fn": DIFFUSERS_ACTIVATION_NAMES,
+        "time_embedding_act_fn": DIFFUSERS_ACTIVATION_NAMES,
+        "timestep_post_act": DIFFUSERS_ACTIVATION_NAMES,
+        "norm_num_groups": is_int,
+        "cross_attention_dim": lambda v: is_int(v) or (isinstance(v, tuple) and len(set(v)) == 1),
     }
 
     # -- config -----------------------------------------------------------------------------
@@ -590,7 +584,7 @@ class UNet2DConditionModel(nn.Module, _DiffusersUNet):
 
     def _cross_attention_width(self) -> int:
         c = self.cross_attention_dim
-        return c if _is_int(c) else c[0]
+        return c if is_int(c) else c[0]
 
     def dummy_inputs(self):
         n = len(self.block_out_channels)
@@ -693,7 +687,8 @@ class UNet2DConditionModel(nn.Module, _DiffusersUNet):
             add_embeds = jnp.concatenate([text_embeds.astype(jnp.float32), time_embeds], -1).astype(self.dtype)
             emb = emb + TimestepEmbedding(time_embed_dim, name="add_embedding", **kw)(add_embeds)
         if self.time_embedding_act_fn is not None:
-            emb = activation(self.time_embedding_act_fn)(emb)
+            emb = activation(self.time_embedding_act_fn, DIFFUSERS_ACTIVATION_NAMES,
+                             field="time_embedding_act_fn")(emb)
 
         ctx = jnp.asarray(encoder_hidden_states).astype(self.dtype)
         if self.encoder_hid_dim_type == "text_proj":
@@ -758,7 +753,7 @@ class UNet2DConditionModel(nn.Module, _DiffusersUNet):
 
         # 5. out
         x = group_norm(self.norm_num_groups, self.norm_eps, name="conv_norm_out", **kw)(x)
-        x = activation(self.act_fn)(x)
+        x = activation(self.act_fn, DIFFUSERS_ACTIVATION_NAMES, field="act_fn")(x)
         pad = (self.conv_out_kernel - 1) // 2
         x = conv2d(self.out_channels, self.conv_out_kernel, padding=pad, name="conv_out", **kw)(x)
         return x.astype(out_dtype)

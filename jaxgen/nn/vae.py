@@ -32,12 +32,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxgen.convert.config import all_in, is_int
 from jaxgen.convert.pretrained import Pretrained
 from jaxgen.errors import ConfigError, DataError
+from jaxgen.nn.activations import DIFFUSERS_ACTIVATION_NAMES, activation
 from jaxgen.nn.attention import IMPLEMENTATIONS
 from jaxgen.nn.gaussian import DiagonalGaussian
-from jaxgen.nn.layers import (ACTIVATIONS, Attention, Downsample2D, ResnetBlock2D, UNetMidBlock2D, Upsample2D,
-                              activation, conv2d, group_norm, upsample_nearest)
+from jaxgen.nn.layers import (Attention, Downsample2D, ResnetBlock2D, UNetMidBlock2D, Upsample2D,
+                              conv2d, group_norm, upsample_nearest)
 
 Dtype = Any
 
@@ -96,7 +98,7 @@ class SpatialResnetBlock2D(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, zq: jax.Array, deterministic: bool = True) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        act = activation(self.non_linearity)
+        act = activation(self.non_linearity, DIFFUSERS_ACTIVATION_NAMES, field="non_linearity")
         x = x.astype(self.dtype)
         h = act(SpatialNorm(name="norm1", **kw)(x, zq))
         h = conv2d(self.out_channels, 3, padding=1, name="conv1", **kw)(h)
@@ -343,14 +345,6 @@ class Decoder(nn.Module):
 # ------------------------------------------------------------------------------------------------
 # shared config plumbing of the diffusers autoencoders
 # ------------------------------------------------------------------------------------------------
-def _all_in(allowed):
-    return lambda v: isinstance(v, (tuple, list)) and len(v) > 0 and all(x in allowed for x in v)
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 class DiffusersAutoencoder(Pretrained):
     """Config reading / writing and checks shared by AutoencoderKL and VQModel.
 
@@ -361,11 +355,11 @@ class DiffusersAutoencoder(Pretrained):
     pt_library: ClassVar[str] = "diffusers"
     pt_weights_name: ClassVar[str] = "diffusion_pytorch_model"
     pt_supported: ClassVar[Mapping[str, Any]] = {
-        "down_block_types": _all_in(DOWN_BLOCK_TYPES),
-        "up_block_types": _all_in(UP_BLOCK_TYPES),
-        "act_fn": ACTIVATIONS,
-        "layers_per_block": _is_int,
-        "norm_num_groups": _is_int,
+        "down_block_types": all_in(DOWN_BLOCK_TYPES),
+        "up_block_types": all_in(UP_BLOCK_TYPES),
+        "act_fn": DIFFUSERS_ACTIVATION_NAMES,
+        "layers_per_block": is_int,
+        "norm_num_groups": is_int,
     }
 
     def _check_config(self) -> None:

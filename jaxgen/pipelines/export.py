@@ -21,6 +21,9 @@ The folder is diffusers' ``save_pretrained`` layout:
                        scheduler, built from the training schedule)
 
 A run can be exported when its task offers ``pipeline_components(params)`` (the ldm task does).
+Those components are also what the run samples with: the ldm task's ``run.sample`` is a
+``jaxgen.StableDiffusionPipeline`` of them (``LDMTask.pipeline``), so the folder written here
+samples as the run does, in jaxgen and in diffusers.
 The folder is written beside its destination and renamed into place, so a failed export leaves
 nothing half-written.
 """

@@ -12,6 +12,8 @@ What one call does (the parts diffusers' results depend on, reproduced here):
 * Text: the tokenizer of ``tokenizer/`` (its pad token and model_max_length) pads every prompt to
   77 ids; the text encoder runs without an attention mask unless ``text_encoder/config.json``
   says ``use_attention_mask: true``; all 77 hidden states are the cross-attention context.
+  ``encode_prompts`` is that computation on its own (the latent-diffusion task builds its
+  training context table with it, so training and sampling condition the U-Net identically).
   Classifier-free guidance (guidance_scale > 1) encodes the negative prompts (default "") and
   runs the U-Net on [uncond; cond] as one batch; guidance_scale <= 1 runs the conditional pass
   only. ``guidance_rescale`` > 0 rescales the guided output to the conditional output's standard
@@ -33,8 +35,9 @@ What one call does (the parts diffusers' results depend on, reproduced here):
 
 All randomness enters as arrays so a result can be reproduced (and compared with diffusers):
 ``latents`` / ``noise`` (the diffusion noise), ``image_noise`` and ``masked_image_noise`` (the
-VAE posterior draws). Whatever is not given is drawn from ``jax.random.key(seed)``, one
-``fold_in`` per purpose; stochastic schedulers take their per-step noise from the same root.
+VAE posterior draws). Whatever is not given is drawn from ``jax.random.key(seed)`` (or from
+``seed`` itself when it is a typed jax.random key), one ``fold_in`` per purpose; stochastic
+schedulers take their per-step noise from the same root (``fold_in(root, 3)``).
 
 Compilation: a call runs up to four compiled programs: the text encoder (per prompt batch), the
 VAE encoder (image inputs, per image shape), the denoising loop with guidance (one lax.scan; per
@@ -141,6 +144,47 @@ def rescale_guidance(guided: jax.Array, cond: jax.Array, rescale: jax.Array) -> 
     std_cond = jnp.std(cond, axis=axes, keepdims=True, ddof=1)
     std_guided = jnp.std(guided, axis=axes, keepdims=True, ddof=1)
     return rescale * (guided * (std_cond / std_guided)) + (1 - rescale) * guided
+
+
+def _root_key(seed) -> jax.Array:
+    """The root key of one pipeline call: ``jax.random.key(seed)`` for an int seed, or ``seed``
+    itself when it already is a typed key (e.g. a ``fold_in`` of a caller's own root)."""
+    if isinstance(seed, jax.Array) and jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
+        return seed
+    return jax.random.key(seed)
+
+
+def prompt_context(text_encoder, params, ids: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """The U-Net's cross-attention context of tokenised prompts (pure, jittable): the text
+    encoder's ``last_hidden_state`` over every position, as diffusers' StableDiffusionPipeline.
+
+    text_encoder: a CLIPTextModel module; params: its parameter tree ({"text_model": ...});
+    ids: int32 [N, L] (L = 77, padded by the tokenizer); mask: int32 [N, L] or None (no mask,
+    the default of SD 1.x / 2.x text encoders). Returns [N, L, D] in the encoder's dtype.
+    """
+    return text_encoder.apply({"params": params}, ids, mask).last_hidden_state
+
+
+def encode_prompts(text_encoder, params, tokenizer: CLIPTokenizer, prompts: str | Sequence[str], *,
+                   use_attention_mask: bool = False, batch_size: int = 256) -> np.ndarray:
+    """The cross-attention context of each prompt, float32 [N, L, D] as host NumPy: the
+    tokenizer's ids (padded to its model_max_length, 77) through ``prompt_context``, in jitted
+    chunks of at most ``batch_size`` prompts. This is how the pipeline conditions its U-Net
+    (``StableDiffusionPipeline.encode_prompt`` calls it with the pipeline's parts), and how the
+    latent-diffusion task builds its training context table.
+
+    prompts: one str or N str (the empty string is the unconditional prompt of classifier-free
+    guidance). use_attention_mask: pass the tokenizer's attention mask (text encoders whose
+    config says ``use_attention_mask: true``); otherwise every position is attended (SD 1.x / 2.x).
+    """
+    from jaxgen.data.chunks import map_chunked
+
+    ids, mask = tokenizer.encode(_texts(prompts, "prompts"), return_attention_mask=True)
+
+    def run(ids_chunk, mask_chunk):
+        return _context_stage(text_encoder, params, ids_chunk, mask_chunk if use_attention_mask else None)
+
+    return map_chunked(run, [np.asarray(ids), np.asarray(mask)], int(batch_size))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -330,7 +374,8 @@ class StableDiffusionPipeline:
         prompt: a string or P strings; negative_prompt: None (the empty prompt), one string for
             all, or P strings; used only when guidance_scale > 1.
         height, width: pixels, multiples of vae_scale_factor; default unet.sample_size * factor.
-        seed: int, the root of every random draw not given as an array.
+        seed: int (or a typed jax.random key), the root of every random draw not given as an
+            array; stochastic schedulers draw their per-step noise from fold_in(root, 3).
         latents: unit Gaussian noise [B, H/f, W/f, C] float (B = P * num_images_per_prompt),
             multiplied by the scheduler's init_noise_sigma (as diffusers' ``latents=``).
         scheduler: a jaxgen Scheduler, or a diffusers class name (built from this folder's
@@ -343,7 +388,7 @@ class StableDiffusionPipeline:
         batch = len(prompts) * self._per_prompt(num_images_per_prompt)
         shape = (batch, height // self.vae_scale_factor, width // self.vae_scale_factor,
                  self.vae.latent_channels)
-        root = jax.random.key(seed)
+        root = _root_key(seed)
         latents = self._noise(latents, root, _KEY_LATENTS, shape, "latents")
         return self._run("text", prompts, negative_prompt, num_inference_steps, guidance_scale,
                          guidance_rescale, scheduler, eta, num_images_per_prompt, output_type, root,
@@ -371,7 +416,7 @@ class StableDiffusionPipeline:
         height, width = self._size(images.shape[1], images.shape[2], what="image")
         self._check_strength(strength)
         h, w, c = height // self.vae_scale_factor, width // self.vae_scale_factor, self.vae.latent_channels
-        root = jax.random.key(seed)
+        root = _root_key(seed)
         inputs = {"image": jnp.asarray(images),
                   "noise": self._noise(noise, root, _KEY_LATENTS, (batch, h, w, c), "noise"),
                   "image_noise": self._noise(image_noise, root, _KEY_IMAGE, (images.shape[0], h, w, c),
@@ -417,7 +462,7 @@ class StableDiffusionPipeline:
         if self.unet.in_channels == 9 and c != 4:
             raise ConfigError(f"inpaint: a 9-channel U-Net takes 4 latent + 1 mask + 4 masked-image "
                               f"channels, but the VAE has {c} latent channels.")
-        root = jax.random.key(seed)
+        root = _root_key(seed)
         inputs = {"image": jnp.asarray(images), "mask": jnp.asarray(masks),
                   "noise": self._noise(noise, root, _KEY_LATENTS, (batch, h, w, c), "noise"),
                   "image_noise": self._noise(image_noise, root, _KEY_IMAGE, (n_img, h, w, c), "image_noise"),
@@ -428,6 +473,12 @@ class StableDiffusionPipeline:
                          strength=strength, inputs=inputs)
 
     # -- host-side preparation ----------------------------------------------------------------
+    def encode_prompt(self, prompt: str | Sequence[str]) -> np.ndarray:
+        """The U-Net's context of each prompt, float32 [N, 77, D]: ``encode_prompts`` with this
+        pipeline's text encoder, tokenizer and attention-mask setting."""
+        return encode_prompts(self.text_encoder, self.params["text_encoder"], self.tokenizer, prompt,
+                              use_attention_mask=self.use_attention_mask)
+
     def get_scheduler(self, scheduler=None) -> Scheduler:
         """None -> the folder's scheduler; a class name -> that algorithm from the folder's config;
         a jaxgen Scheduler -> itself."""
@@ -486,7 +537,7 @@ class StableDiffusionPipeline:
             raise DataError(f"{what} has shape {tuple(x.shape)}; this call needs {tuple(shape)}{hint}.")
         return x
 
-    def _encode_prompts(self, prompts: list[str], negative, cfg: bool):
+    def _tokenize_prompts(self, prompts: list[str], negative, cfg: bool):
         """ids (and attention masks) [P, L] or, with guidance, [2P, L]: negatives first."""
         texts = list(prompts)
         if cfg:
@@ -541,7 +592,7 @@ class StableDiffusionPipeline:
             noise = jax.device_put(noise, sharding)
         params = self.params
 
-        ids, mask = self._encode_prompts(prompts, negative, cfg)
+        ids, mask = self._tokenize_prompts(prompts, negative, cfg)
         context = _text_stage(self.text_encoder, params["text_encoder"], ids, mask,
                               per_prompt=int(per_prompt), cfg=cfg, sharding=sharding)
         image = {}
@@ -562,8 +613,9 @@ class StableDiffusionPipeline:
 
     @staticmethod
     def trace_counts() -> dict[str, int]:
-        """How many times each compiled stage ("text", "image", "loop", "decode") has been traced
-        in this process, over all pipelines (a trace precedes every compilation)."""
+        """How many times each compiled stage ("text", "image", "loop", "decode"; "context" for
+        ``encode_prompts``) has been traced in this process, over all pipelines (a trace precedes
+        every compilation)."""
         return dict(_TRACES)
 
 
@@ -582,12 +634,19 @@ def _text_stage(text_encoder, params, ids, mask, *, per_prompt: int, cfg: bool, 
     """ids (mask) int32 [P or 2P, L] -> {"cond": [B, L, D](, "uncond": [B, L, D])}, B = P per_prompt:
     every prompt's hidden states repeated per_prompt times (negatives are the first P rows)."""
     _TRACES["text"] += 1
-    hidden = text_encoder.apply({"params": params}, ids, mask).last_hidden_state   # [P or 2P, L, D]
+    hidden = prompt_context(text_encoder, params, ids, mask)                  # [P or 2P, L, D]
     hidden = jnp.repeat(hidden, per_prompt, axis=0)
     if not cfg:
         return {"cond": _constrain(hidden, sharding)}
     uncond, cond = jnp.split(hidden, 2, axis=0)
     return {"cond": _constrain(cond, sharding), "uncond": _constrain(uncond, sharding)}
+
+
+@functools.partial(jax.jit, static_argnames=("text_encoder",))
+def _context_stage(text_encoder, params, ids, mask):
+    """ids (mask) int32 [N, L] -> float32 [N, L, D]: ``prompt_context`` for ``encode_prompts``."""
+    _TRACES["context"] += 1
+    return prompt_context(text_encoder, params, ids, mask).astype(F32)
 
 
 @functools.partial(jax.jit, static_argnames=("vae", "batch", "need_image", "need_masked", "factor",

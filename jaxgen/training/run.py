@@ -6,6 +6,7 @@ local mesh), so a run written on 8 devices loads on 1 and vice versa.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any
 
@@ -17,7 +18,7 @@ from jaxgen.errors import CheckpointError
 from jaxgen.training import mesh as mesh_lib
 from jaxgen.training.checkpoint import Checkpointer, abstract_with_shardings
 from jaxgen.training.optim import make_optimizer
-from jaxgen.training.trainer import (MAIN_STAGE, checkpoint_dir, ema_decay_of, final_params, handed_on,
+from jaxgen.training.stages import (MAIN_STAGE, checkpoint_dir, ema_decay_of, final_params, handed_on,
                                      new_train_state, stage_config)
 from jaxgen.training.tasks import make_task
 
@@ -53,44 +54,59 @@ class Run:
     def model(self):
         return self.task.model
 
+    @property
+    def abilities(self) -> tuple[str, ...]:
+        """The methods this run offers, as its task declares them (``Task.abilities``)."""
+        return tuple(self.task.abilities)
+
     def _ability(self, name: str):
-        fn = getattr(self.task, name, None)
-        if fn is None:
-            raise AttributeError(f"a {self.task.name!r} run has no {name}(); see the Run section of "
-                                 "the README for which runs offer which methods.")
-        return fn
+        """The task's method ``name`` with this run's variables bound, if the task declares it."""
+        if name not in self.task.abilities:
+            offered = ", ".join(self.task.abilities) or "no methods"
+            raise AttributeError(f"a {self.task.name!r} run has no {name}(); it offers {offered} "
+                                 "(see the Run section of the README).")
+        return functools.partial(getattr(self.task, name), self.variables)
+
+    def __getattr__(self, name: str):
+        """Abilities beyond the ones spelled out below (e.g. ``run.translate``, ``run.colorize``,
+        ``run.edit``) are found on the task: a new family adds them without editing the Run."""
+        if name.startswith("_") or "task" not in self.__dict__:
+            raise AttributeError(name)
+        return self._ability(name)
 
     # autoencoder family
     def encode(self, images: np.ndarray) -> np.ndarray:
         """uint8 [N, H, W, C] -> codes [N, ...]."""
-        return self._ability("encode")(self.variables, images)
+        return self._ability("encode")(images)
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         """codes -> uint8 [N, H, W, C]."""
-        return self._ability("decode")(self.variables, codes)
+        return self._ability("decode")(codes)
 
     def reconstruct(self, images: np.ndarray) -> np.ndarray:
         """uint8 [N, H, W, C] -> uint8 [N, H, W, C]."""
-        return self._ability("reconstruct")(self.variables, images)
+        return self._ability("reconstruct")(images)
 
     # generative runs
     def sample(self, num: int, seed: int = 0, labels=None, prompts=None, num_steps=None,
-               guidance_scale=None, scheduler=None) -> np.ndarray:
-        """``num`` samples, uint8 [num, H, W, C]; None arguments take the config's sampling defaults."""
-        return self._ability("sample")(self.variables, num, seed=seed, labels=labels, prompts=prompts,
-                                       num_steps=num_steps, guidance_scale=guidance_scale,
-                                       scheduler=scheduler)
+               guidance_scale=None, scheduler=None, **options) -> np.ndarray:
+        """``num`` samples, uint8 [num, H, W, C]; None arguments take the config's sampling
+        defaults; further keyword options are the task's (e.g. control= for a ControlNet run)."""
+        return self._ability("sample")(num, seed=seed, labels=labels, prompts=prompts, num_steps=num_steps,
+                                       guidance_scale=guidance_scale, scheduler=scheduler, **options)
 
     # CLIP runs
     def encode_text(self, texts) -> np.ndarray:
-        return self._ability("encode_text")(self.variables, texts)
+        return self._ability("encode_text")(texts)
 
     def encode_image(self, images) -> np.ndarray:
-        return self._ability("encode_image")(self.variables, images)
+        return self._ability("encode_image")(images)
 
     @property
     def tokenizer(self):
-        return self._ability("tokenizer_for")(self.workdir)
+        if "tokenizer" not in self.task.abilities:
+            raise AttributeError(f"a {self.task.name!r} run has no tokenizer.")
+        return self.task.tokenizer_for(self.workdir)
 
 
 def _find_config(workdir: str, step: int | None) -> dict:

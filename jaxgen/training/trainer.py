@@ -18,10 +18,14 @@ import numpy as np
 
 from jaxgen.data import pipeline
 from jaxgen.errors import ConfigError, NonFiniteError
+from jaxgen.training import init_from as init_from_lib
 from jaxgen.training import mesh as mesh_lib
 from jaxgen.training.checkpoint import Checkpointer, abstract_with_shardings, check_writable
 from jaxgen.training.optim import make_optimizer
-from jaxgen.training.state import TrainState, create_state
+from jaxgen.training.run import load_run
+from jaxgen.training.stages import (MAIN_STAGE, checkpoint_dir, ema_decay_of, handed_on, new_train_state,
+                                    stage_config)
+from jaxgen.training.state import TrainState
 from jaxgen.training.step import make_train_step
 from jaxgen.training.tasks import make_task
 
@@ -35,8 +39,9 @@ RESUMABLE_CHANGES = ("total_steps", "checkpoint_every", "log_every", "image_ever
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Fail early, naming the field, on a config the trainer cannot run."""
+def validate_config(config: ml_collections.ConfigDict, workdir: str | None = None) -> None:
+    """Fail early, naming the field, on a config the trainer cannot run. ``init_from`` sources are
+    checked on disk, except for stages that already have a checkpoint in ``workdir``."""
     missing = [f for f in REQUIRED_FIELDS if f not in config]
     if missing:
         raise ConfigError(f"config lacks {', '.join(missing)}; every config defines {', '.join(REQUIRED_FIELDS)}.")
@@ -47,6 +52,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.compute_dtype={config.compute_dtype!r}: choose one of {', '.join(DTYPES)}.")
     if config.get("nan_policy", "stop") not in ("stop", "skip"):
         raise ConfigError(f"config.nan_policy={config.nan_policy!r}: choose 'stop' or 'skip'.")
+    init_from_lib.validate(config, workdir)
 
 
 def config_to_dict(config: ml_collections.ConfigDict) -> dict:
@@ -73,58 +79,12 @@ def _resumable(change: str) -> bool:
 
 
 def _check_resume_config(saved: dict, new: dict, workdir: str) -> None:
-    changes = [c for c in _diff(saved, new) if not _resumable(c)]
+    # init_from switched off equals an absent one (runs saved before the field existed)
+    changes = [c for c in _diff(init_from_lib.strip_defaults(saved), init_from_lib.strip_defaults(new))
+               if not _resumable(c)]
     if changes:
         raise ConfigError(f"{workdir} holds a run with a different config ({'; '.join(changes)}). "
                           "Resume with the same config, or start the new one in a new --workdir.")
-
-
-def ema_decay_of(config) -> float | None:
-    """config.ema.decay when the run keeps an EMA (decay > 0), else None."""
-    ema = config.get("ema", None)
-    return float(ema.decay) if ema is not None and ema.decay > 0 else None
-
-
-MAIN_STAGE = "main"
-STAGE_FIELDS = ("batch_size", "total_steps", "checkpoint_every", "log_every", "image_every", "optim",
-                "ema", "compute_dtype", "nan_policy", "seed")
-
-
-def stage_config(config: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
-    """The config one stage trains with: the top-level fields overlaid by ``config.stages[stage]``.
-
-    Single-stage configs (no ``stages`` field) are returned as they are. Stage entries may set
-    STAGE_FIELDS (optim and ema are merged field by field) and any task-specific fields.
-    """
-    if "stages" not in config or stage == MAIN_STAGE:
-        return config
-    if stage not in config.stages:
-        raise ConfigError(f"config.stages has no entry {stage!r}; it has {', '.join(config.stages)}.")
-    merged = ml_collections.ConfigDict(config.to_dict())
-    merged.unlock()
-    del merged["stages"]
-    for key, value in config.stages[stage].items():
-        if key in ("optim", "ema") and isinstance(value, ml_collections.ConfigDict):
-            for k, v in value.items():
-                merged[key][k] = v
-        else:
-            merged[key] = value
-    merged.stage = stage
-    merged.lock()
-    return merged
-
-
-def new_train_state(task, tx, use_ema: bool, key: jax.Array) -> TrainState:
-    """Step-0 state of ``task`` (call under jax.eval_shape for shapes only), with the task's model
-    state (None when it has none)."""
-    params, model_state = task.init_variables(key, task.example_batch())
-    return create_state(params, tx, use_ema, model_state)
-
-
-def checkpoint_dir(workdir: str, stage: str) -> str:
-    """DIR/checkpoints for single-stage runs, DIR/checkpoints/STAGE for each stage of the others."""
-    base = os.path.join(workdir, "checkpoints")
-    return base if stage == MAIN_STAGE else os.path.join(base, stage)
 
 
 class Trainer:
@@ -135,7 +95,7 @@ class Trainer:
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str, stage: str = MAIN_STAGE,
                  task=None, run_config: ml_collections.ConfigDict | None = None):
-        validate_config(config)
+        validate_config(config, workdir)
         self.config, self.workdir, self.stage = config, os.path.abspath(workdir), stage
         # the whole run's config: saved with every checkpoint, compared on resume
         self.run_config = config if run_config is None else run_config
@@ -174,7 +134,12 @@ class Trainer:
         config_dict = config_to_dict(self.run_config)
         if latest is None:
             # built in place with its shardings: never the whole state on one device first
-            return jax.jit(self._create, out_shardings=self.state_shardings)(), 0
+            state = jax.jit(self._create, out_shardings=self.state_shardings)()
+            init_cfg = self.config.get("init_from", None)
+            if init_cfg is not None and init_cfg.source:   # only here: a resume has the weights
+                state, _ = init_from_lib.init_state(state, init_cfg, self.state_shardings, self.workdir,
+                                                    self.stage, write=self.is_main, log_to=log.info)
+            return state, 0
         state, saved_config, step = self.checkpointer.restore(abstract)
         _check_resume_config(saved_config, config_dict, self.workdir)
         log.info("resumed %s at step %d", self.workdir, step)
@@ -287,17 +252,6 @@ def _progress(start: int, total: int, enabled: bool):
     return tqdm(total=total, initial=start, disable=not enabled, dynamic_ncols=True, desc="train")
 
 
-def final_params(state: TrainState):
-    """The parameters a stage hands on: its EMA when it keeps one."""
-    return state.ema_params if state.ema_params is not None else state.params
-
-
-def handed_on(task, state: TrainState):
-    """What a stage gives its previews, later stages and the Run's abilities: its final parameters
-    joined with its model state by ``task.bind_state`` (the parameters alone for most tasks)."""
-    return task.bind_state(final_params(state), state.model_state)
-
-
 def train(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None = None):
     """Train ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the Run.
 
@@ -306,9 +260,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_after: int | Non
     the earlier stages' final parameters (``handed_on``: with their model state, if any). A stage
     already at its total_steps is only restored.
     """
-    from jaxgen.training.run import load_run
-
-    validate_config(config)
+    validate_config(config, workdir)
     check_writable(os.path.abspath(workdir))
     task = make_task(config)
     task.attach(os.path.abspath(workdir), training=True)

@@ -204,6 +204,49 @@ def sigma_alpha(sigma: jax.Array):
     return alpha_t, sigma * alpha_t
 
 
+def vp_predict_x0(prediction_type: str, sample: jax.Array, model_output: jax.Array,
+                  alpha_t: jax.Array, sigma_t: jax.Array) -> jax.Array:
+    """The x0 a model output means in the VP form x = alpha_t x0 + sigma_t eps (DDPM, DDIM:
+    alpha_t = sqrt(alpha_bar), sigma_t = sqrt(1 - alpha_bar); DPM-Solver, UniPC: ``sigma_alpha``):
+
+    epsilon:       (x - sigma_t out) / alpha_t
+    sample:        out
+    v_prediction:  alpha_t x - sigma_t out
+
+    sample (x), model_output (out): [B, ...] float32; alpha_t, sigma_t: [] float32 (or
+    broadcastable to them). Returns [B, ...] float32. Any other prediction_type is a ConfigError.
+    The VE form of the k-diffusion-style schedulers is ``sigma_base.ve_predict_x0``.
+    """
+    if prediction_type == "epsilon":
+        return (sample - sigma_t * model_output) / alpha_t
+    if prediction_type == "sample":
+        return model_output
+    if prediction_type == "v_prediction":
+        return alpha_t * sample - sigma_t * model_output
+    raise ConfigError(f"prediction_type={prediction_type!r} is not implemented; choose one of "
+                      "epsilon, sample, v_prediction.")
+
+
+def vp_predict_eps(prediction_type: str, sample: jax.Array, model_output: jax.Array,
+                   alpha_t: jax.Array, sigma_t: jax.Array) -> jax.Array:
+    """The noise eps a model output means in the VP form (as ``vp_predict_x0``):
+
+    epsilon:       out
+    sample:        (x - alpha_t out) / sigma_t
+    v_prediction:  alpha_t out + sigma_t x
+
+    Shapes and dtype as ``vp_predict_x0``; any other prediction_type is a ConfigError.
+    """
+    if prediction_type == "epsilon":
+        return model_output
+    if prediction_type == "sample":
+        return (sample - alpha_t * model_output) / sigma_t
+    if prediction_type == "v_prediction":
+        return alpha_t * model_output + sigma_t * sample
+    raise ConfigError(f"prediction_type={prediction_type!r} is not implemented; choose one of "
+                      "epsilon, sample, v_prediction.")
+
+
 def index_for_timestep(schedule_timesteps: jax.Array, t, *, missing_is_last: bool) -> jax.Array:
     """Index of timestep value t in the schedule, the way diffusers finds it: the first match, or
     the second if t occurs more than once. No match: the last index if ``missing_is_last``, else -1.

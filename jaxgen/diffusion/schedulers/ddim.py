@@ -12,7 +12,7 @@ import numpy as np
 from jaxgen.diffusion import schedules as sch
 from jaxgen.diffusion.schedulers.base import (
     F32, Scheduler, alphas_cumprod_table, bcast, check_num_steps, check_zero_snr_epsilon,
-    require_noise, threshold_sample)
+    require_noise, threshold_sample, vp_predict_eps, vp_predict_x0)
 
 
 @flax.struct.dataclass
@@ -89,15 +89,9 @@ class DDIMScheduler(Scheduler):
         a_prev = jnp.where(prev_t >= 0, ac[jnp.maximum(prev_t, 0)], self.final_alpha_cumprod)
         beta_prod_t = 1.0 - a_t
 
-        if self.prediction_type == "epsilon":
-            x0 = (x - jnp.sqrt(beta_prod_t) * mo) / jnp.sqrt(a_t)
-            eps = mo
-        elif self.prediction_type == "sample":
-            x0 = mo
-            eps = (x - jnp.sqrt(a_t) * x0) / jnp.sqrt(beta_prod_t)
-        else:
-            x0 = jnp.sqrt(a_t) * x - jnp.sqrt(beta_prod_t) * mo
-            eps = jnp.sqrt(a_t) * mo + jnp.sqrt(beta_prod_t) * x
+        alpha_t, sigma_t = jnp.sqrt(a_t), jnp.sqrt(beta_prod_t)
+        x0 = vp_predict_x0(self.prediction_type, x, mo, alpha_t, sigma_t)
+        eps = vp_predict_eps(self.prediction_type, x, mo, alpha_t, sigma_t)
         if self.thresholding:
             x0 = threshold_sample(x0, self.dynamic_thresholding_ratio, self.sample_max_value)
         elif self.clip_sample:
@@ -106,7 +100,7 @@ class DDIMScheduler(Scheduler):
         variance = (1.0 - a_prev) / beta_prod_t * (1.0 - a_t / a_prev)
         std = eta * jnp.sqrt(variance)
         if use_clipped_model_output:
-            eps = (x - jnp.sqrt(a_t) * x0) / jnp.sqrt(beta_prod_t)
+            eps = vp_predict_eps("sample", x, x0, alpha_t, sigma_t)
         direction = jnp.sqrt(1.0 - a_prev - std * std) * eps
         prev = jnp.sqrt(a_prev) * x0 + direction
         if self.needs_noise(eta=eta):

@@ -12,7 +12,7 @@ import numpy as np
 from jaxgen.diffusion import schedules as sch
 from jaxgen.diffusion.schedulers.base import (
     F32, Scheduler, alphas_cumprod_table, bcast, check_num_steps, check_zero_snr_epsilon,
-    require_noise, threshold_sample)
+    require_noise, threshold_sample, vp_predict_x0)
 from jaxgen.errors import ConfigError
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned",
@@ -26,15 +26,6 @@ class DDPMState:
     prev_timesteps: jax.Array
     init_noise_sigma: jax.Array            # [] float32, 1.0
     num_inference_steps: int = flax.struct.field(pytree_node=False)
-
-
-def predict_x0(prediction_type: str, sample, model_output, alpha_prod_t):
-    """x0 from a model output at a timestep with alpha_bar = alpha_prod_t (float32 arrays)."""
-    if prediction_type == "epsilon":
-        return (sample - jnp.sqrt(1.0 - alpha_prod_t) * model_output) / jnp.sqrt(alpha_prod_t)
-    if prediction_type == "sample":
-        return model_output
-    return jnp.sqrt(alpha_prod_t) * sample - jnp.sqrt(1.0 - alpha_prod_t) * model_output
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -125,7 +116,7 @@ class DDPMScheduler(Scheduler):
         cur_alpha = a_t / a_prev
         cur_beta = 1.0 - cur_alpha
 
-        x0 = predict_x0(self.prediction_type, x, mo, a_t)
+        x0 = vp_predict_x0(self.prediction_type, x, mo, jnp.sqrt(a_t), jnp.sqrt(beta_prod_t))
         if self.thresholding:
             x0 = threshold_sample(x0, self.dynamic_thresholding_ratio, self.sample_max_value)
         elif self.clip_sample:

@@ -13,7 +13,7 @@ import numpy as np
 from jaxgen.diffusion import schedules as sch
 from jaxgen.diffusion.schedulers.base import (
     F32, Scheduler, alphas_cumprod_table, bcast, check_num_steps, index_for_timestep,
-    require_noise, sigma_alpha, threshold_sample)
+    require_noise, sigma_alpha, threshold_sample, vp_predict_eps, vp_predict_x0)
 from jaxgen.errors import ConfigError
 
 ALGORITHMS = ("dpmsolver", "dpmsolver++", "sde-dpmsolver", "sde-dpmsolver++")
@@ -181,28 +181,18 @@ class DPMSolverMultistepScheduler(Scheduler):
     def _convert(self, mo, x, sigma):
         """The model output as the solver's variable: x0 (dpmsolver++) or eps (dpmsolver)."""
         alpha_t, sigma_t = sigma_alpha(sigma)
+        if self.prediction_type == "epsilon" and self.variance_type in ("learned", "learned_range"):
+            mo = mo[..., : x.shape[-1]]      # the noise half of a (noise, variance) output
         if self.algorithm_type in ("dpmsolver++", "sde-dpmsolver++"):
-            if self.prediction_type == "epsilon":
-                if self.variance_type in ("learned", "learned_range"):
-                    mo = mo[..., : x.shape[-1]]
-                x0 = (x - sigma_t * mo) / alpha_t
-            elif self.prediction_type == "sample":
-                x0 = mo
-            else:
-                x0 = alpha_t * x - sigma_t * mo
+            x0 = vp_predict_x0(self.prediction_type, x, mo, alpha_t, sigma_t)
             if self.thresholding:
                 x0 = threshold_sample(x0, self.dynamic_thresholding_ratio, self.sample_max_value)
             return x0
-        if self.prediction_type == "epsilon":
-            eps = mo[..., : x.shape[-1]] if self.variance_type in ("learned", "learned_range") else mo
-        elif self.prediction_type == "sample":
-            eps = (x - alpha_t * mo) / sigma_t
-        else:
-            eps = alpha_t * mo + sigma_t * x
+        eps = vp_predict_eps(self.prediction_type, x, mo, alpha_t, sigma_t)
         if self.thresholding:
-            x0 = threshold_sample((x - sigma_t * eps) / alpha_t, self.dynamic_thresholding_ratio,
-                                  self.sample_max_value)
-            eps = (x - alpha_t * x0) / sigma_t
+            x0 = threshold_sample(vp_predict_x0("epsilon", x, eps, alpha_t, sigma_t),
+                                  self.dynamic_thresholding_ratio, self.sample_max_value)
+            eps = vp_predict_eps("sample", x, x0, alpha_t, sigma_t)
         return eps
 
     # -- updates ----------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from jaxgen.diffusion import schedules as sch
 from jaxgen.diffusion.schedulers.base import (
     F32, Scheduler, alphas_cumprod_table, check_num_steps, require_noise)
 from jaxgen.diffusion.schedulers.sigma_base import (
-    init_noise_sigma, scale_by_sigma, sigma_ladder, ve_add_noise)
+    init_noise_sigma, scale_by_sigma, sigma_ladder, ve_add_noise, ve_predict_x0)
 from jaxgen.errors import ConfigError
 
 
@@ -135,12 +135,9 @@ class EulerDiscreteScheduler(Scheduler):
             noise = require_noise(noise, x, "EulerDiscreteScheduler", "has s_churn > 0")
             bump = noise * s_noise * jnp.sqrt(sigma_hat * sigma_hat - sigma * sigma)
             x = jnp.where(gamma > 0, x + bump, x)
-        if self.prediction_type in ("sample", "original_sample"):
-            x0 = mo
-        elif self.prediction_type == "epsilon":
-            x0 = x - sigma_hat * mo
-        else:
-            x0 = mo * (-sigma / jnp.sqrt(sigma * sigma + 1.0)) + x / (sigma * sigma + 1.0)
+        # as diffusers: epsilon is taken at the churned sigma_hat, v_prediction at sigma
+        x0 = ve_predict_x0(self.prediction_type, x, mo,
+                           sigma_hat if self.prediction_type == "epsilon" else sigma)
         d = (x - x0) / sigma_hat
         dt = state.sigmas[i + 1] - sigma_hat
         return (x + d * dt).astype(dtype), state

@@ -14,7 +14,7 @@ from jaxgen.diffusion.schedulers.base import (
     F32, Scheduler, alphas_cumprod_table, check_num_steps, require_noise)
 from jaxgen.diffusion.schedulers.euler import EulerState
 from jaxgen.diffusion.schedulers.sigma_base import (
-    init_noise_sigma, scale_by_sigma, sigma_ladder, ve_add_noise)
+    init_noise_sigma, scale_by_sigma, sigma_ladder, ve_add_noise, ve_predict_x0)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -69,12 +69,7 @@ class EulerAncestralDiscreteScheduler(Scheduler):
         mo = model_output.astype(F32)
         noise = require_noise(noise, x, "EulerAncestralDiscreteScheduler", "is ancestral (stochastic)")
         sigma = state.sigmas[i]
-        if self.prediction_type == "epsilon":
-            x0 = x - sigma * mo
-        elif self.prediction_type == "v_prediction":
-            x0 = mo * (-sigma / jnp.sqrt(sigma * sigma + 1.0)) + x / (sigma * sigma + 1.0)
-        else:
-            x0 = mo
+        x0 = ve_predict_x0(self.prediction_type, x, mo, sigma)
         s_from, s_to = sigma, state.sigmas[i + 1]
         sigma_up = jnp.sqrt(s_to * s_to * (s_from * s_from - s_to * s_to) / (s_from * s_from))
         # = s_to^4 / s_from^2 >= 0 in exact arithmetic; clamp float32 rounding below zero

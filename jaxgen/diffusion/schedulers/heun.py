@@ -13,7 +13,7 @@ import numpy as np
 from jaxgen.diffusion import schedules as sch
 from jaxgen.diffusion.schedulers.base import F32, Scheduler, alphas_cumprod_table, check_num_steps
 from jaxgen.diffusion.schedulers.sigma_base import (
-    init_noise_sigma, scale_by_sigma, sigma_ladder, ve_add_noise)
+    init_noise_sigma, scale_by_sigma, sigma_ladder, ve_add_noise, ve_predict_x0)
 from jaxgen.errors import ConfigError
 
 
@@ -114,12 +114,7 @@ class HeunDiscreteScheduler(Scheduler):
         sigma = jnp.where(second, sig[i_prev], sig[i])
         sigma_next = jnp.where(second, sig[i], sig[i + 1])
         sigma_in = jnp.where(second, sigma_next, sigma)
-        if self.prediction_type == "epsilon":
-            x0 = x - sigma_in * mo
-        elif self.prediction_type == "v_prediction":
-            x0 = mo * (-sigma_in / jnp.sqrt(sigma_in * sigma_in + 1.0)) + x / (sigma_in * sigma_in + 1.0)
-        else:
-            x0 = mo
+        x0 = ve_predict_x0(self.prediction_type, x, mo, sigma_in)
         if self.clip_sample:
             x0 = jnp.clip(x0, -self.clip_sample_range, self.clip_sample_range)
         # predictor (Euler) from sigma to sigma_next

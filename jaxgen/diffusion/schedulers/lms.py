@@ -12,7 +12,7 @@ import numpy as np
 from jaxgen.diffusion import schedules as sch
 from jaxgen.diffusion.schedulers.base import F32, Scheduler, alphas_cumprod_table, check_num_steps
 from jaxgen.diffusion.schedulers.sigma_base import (
-    init_noise_sigma, scale_by_sigma, sigma_ladder, ve_add_noise)
+    init_noise_sigma, scale_by_sigma, sigma_ladder, ve_add_noise, ve_predict_x0)
 from jaxgen.errors import ConfigError
 
 MAX_LMS_ORDER = 4
@@ -128,12 +128,7 @@ class LMSDiscreteScheduler(Scheduler):
         x = sample.astype(F32)
         mo = model_output.astype(F32)
         sigma = state.sigmas[i]
-        if self.prediction_type == "epsilon":
-            x0 = x - sigma * mo
-        elif self.prediction_type == "v_prediction":
-            x0 = mo * (-sigma / jnp.sqrt(sigma * sigma + 1.0)) + x / (sigma * sigma + 1.0)
-        else:
-            x0 = mo
+        x0 = ve_predict_x0(self.prediction_type, x, mo, sigma)
         d = (x - x0) / sigma
         ders = jnp.concatenate([d[None], state.derivatives[:-1]])   # newest first
         coeffs = state.coeffs[i]

@@ -11,7 +11,7 @@ import numpy as np
 
 from jaxgen.diffusion import schedules as sch
 from jaxgen.diffusion.schedulers.base import (
-    F32, Scheduler, alphas_cumprod_table, bcast, check_num_steps)
+    F32, Scheduler, alphas_cumprod_table, bcast, check_num_steps, vp_predict_eps)
 from jaxgen.errors import ConfigError
 
 PNDM_ORDER = 4
@@ -115,8 +115,7 @@ class PNDMScheduler(Scheduler):
         a_prev = jnp.where(prev_t >= 0, ac[jnp.maximum(prev_t, 0)], self.final_alpha_cumprod)
         b_t = 1.0 - a_t
         b_prev = 1.0 - a_prev
-        if self.prediction_type == "v_prediction":
-            mo = jnp.sqrt(a_t) * mo + jnp.sqrt(b_t) * sample
+        mo = vp_predict_eps(self.prediction_type, sample, mo, jnp.sqrt(a_t), jnp.sqrt(b_t))
         coef = jnp.sqrt(a_prev / a_t)
         denom = a_t * jnp.sqrt(b_prev) + jnp.sqrt(a_t * b_t * a_prev)
         return coef * sample - (a_prev - a_t) * mo / denom

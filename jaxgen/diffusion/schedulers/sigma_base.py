@@ -11,6 +11,7 @@ import numpy as np
 
 from jaxgen.diffusion import schedules as sch
 from jaxgen.diffusion.schedulers.base import F32, bcast, index_for_timestep
+from jaxgen.errors import ConfigError
 
 
 def sigma_ladder(cfg, timesteps: np.ndarray, n: int, alphas_cumprod: np.ndarray,
@@ -47,6 +48,28 @@ def init_noise_sigma(sigmas_f32: np.ndarray, spacing: str) -> np.ndarray:
 def scale_by_sigma(sample: jax.Array, sigma: jax.Array) -> jax.Array:
     """x / sqrt(sigma^2 + 1): the model input of the VE form (float32 math, sample's dtype out)."""
     return (sample.astype(F32) / jnp.sqrt(sigma * sigma + 1.0)).astype(sample.dtype)
+
+
+def ve_predict_x0(prediction_type: str, sample: jax.Array, model_output: jax.Array,
+                  sigma: jax.Array) -> jax.Array:
+    """The x0 ("predicted original sample") a model output means at noise level sigma, in the VE
+    form the k-diffusion-style schedulers use (diffusers' formulas):
+
+    epsilon:                   x - sigma out
+    v_prediction:              out (-sigma / sqrt(sigma^2 + 1)) + x / (sigma^2 + 1)
+    sample / original_sample:  out
+
+    sample (x), model_output (out): [B, ...] float32; sigma: [] float32 (or broadcastable to them).
+    Returns [B, ...] float32. Any other prediction_type is a ConfigError.
+    """
+    if prediction_type == "epsilon":
+        return sample - sigma * model_output
+    if prediction_type == "v_prediction":
+        return model_output * (-sigma / jnp.sqrt(sigma * sigma + 1.0)) + sample / (sigma * sigma + 1.0)
+    if prediction_type in ("sample", "original_sample"):
+        return model_output
+    raise ConfigError(f"prediction_type={prediction_type!r} is not implemented; choose one of "
+                      "epsilon, v_prediction, sample.")
 
 
 def ve_add_noise(state, train_sigmas: jax.Array, original_samples, noise, timesteps):

@@ -13,7 +13,7 @@ import numpy as np
 from jaxgen.diffusion import schedules as sch
 from jaxgen.diffusion.schedulers.base import (
     F32, Scheduler, alphas_cumprod_table, bcast, check_num_steps, index_for_timestep, sigma_alpha,
-    threshold_sample)
+    threshold_sample, vp_predict_eps, vp_predict_x0)
 from jaxgen.errors import ConfigError
 
 
@@ -162,20 +162,11 @@ class UniPCMultistepScheduler(Scheduler):
     def _convert(self, mo, x, sigma):
         alpha_t, sigma_t = sigma_alpha(sigma)
         if self.predict_x0:
-            if self.prediction_type == "epsilon":
-                x0 = (x - sigma_t * mo) / alpha_t
-            elif self.prediction_type == "sample":
-                x0 = mo
-            else:
-                x0 = alpha_t * x - sigma_t * mo
+            x0 = vp_predict_x0(self.prediction_type, x, mo, alpha_t, sigma_t)
             if self.thresholding:
                 x0 = threshold_sample(x0, self.dynamic_thresholding_ratio, self.sample_max_value)
             return x0
-        if self.prediction_type == "epsilon":
-            return mo
-        if self.prediction_type == "sample":
-            return (x - alpha_t * mo) / sigma_t
-        return alpha_t * mo + sigma_t * x
+        return vp_predict_eps(self.prediction_type, x, mo, alpha_t, sigma_t)
 
     def _coefficients(self, h, rks, order: int, corrector: bool):
         """B(h), phi_1 and the rho weights of a UniPC update of a given (static) order."""

@@ -8,6 +8,11 @@ Two applications change what the input is and where the loss is taken:
       restored image keeps the visible pixels (``inpaint``);
   "grey" (colorization): the input is the image's luminance (BT.601) in all three channels, the
       target the colour image; MSE over all pixels (``colorize``).
+And one takes its input from the data: "paired": each example's ``source`` image (a paired
+dataset: ``data.options.fields=("source", "image")`` on an image folder) is the input, its
+``image`` the target; MSE over all pixels (``translate``).
+Run abilities: encode, decode, reconstruct, denoise, inpaint, colorize, translate, decode_random_codes
+(the VAE adds sample).
 config.data.exclude_labels drops digits from training (anomaly detection: they are scored by
 reconstruction error at evaluation, jaxgen.eval.anomaly).
 """
@@ -20,24 +25,44 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgen import corruption, losses
+from jaxgen.data.chunks import map_chunked
+from jaxgen.data.fields import Input
 from jaxgen.data.pipeline import images_to_float, images_to_uint8
-from jaxgen.errors import ConfigError
+from jaxgen.errors import ConfigError, DataError
 from jaxgen.eval import baselines
 from jaxgen.eval.anomaly import anomaly_report, per_image_mse
-from jaxgen.eval.images import make_grid, save_png, spread_indices
+from jaxgen.eval.images import make_grid, preview_upscale, save_png, spread_indices
 from jaxgen.training.tasks.base import Task
 
 EVAL_KEY = 1234  # fixed corruption noise at evaluation
 
 
 def _upscale(images: np.ndarray) -> int:
-    return 4 if images.shape[1] < 16 else 1
+    """Preview enlargement for a batch of images [N, H, W, C]."""
+    return preview_upscale(images.shape[1])
 
 
 class AutoencoderTask(Task):
     """Trains ``model(x) -> (reconstruction, code)`` by mean squared error on images in [-1, 1]."""
 
     name = "autoencoder"
+    abilities = ("encode", "decode", "reconstruct", "denoise", "inpaint", "colorize", "translate",
+                 "decode_random_codes")
+
+    @property
+    def paired(self) -> bool:
+        """objective.corruption == "paired": the input is each example's own ``source`` image (a
+        paired dataset, e.g. a grey photo beside its colour original), the target its ``image``."""
+        return self.objective["corruption"] == "paired"
+
+    def inputs(self):
+        """The default image (+ optional label), and with the paired objective the ``source``
+        image of the same shape."""
+        fields = super().inputs()
+        if self.paired:
+            fields["source"] = Input("image", fields["image"].shape,
+                                     doc="the model's input, paired with the target 'image'")
+        return fields
 
     @property
     def objective(self):
@@ -68,7 +93,10 @@ class AutoencoderTask(Task):
     def loss_fn(self, params, batch, key):
         x = images_to_float(batch["image"])  # uint8 [B, H, W, C] -> [-1, 1]
         dtype = jax.tree_util.tree_leaves(params)[0].dtype
-        xin, region = self.model_input(key, x)
+        if self.paired:
+            xin, region = images_to_float(batch["source"]), None
+        else:
+            xin, region = self.model_input(key, x)
         recon, code = self.model.apply({"params": params}, xin.astype(dtype))
         mse = losses.mse(recon, x) if region is None else losses.masked_mse(recon, x, region)
         metrics = {"mse": mse}
@@ -89,8 +117,7 @@ class AutoencoderTask(Task):
         if name not in fns:
             method = self._METHODS[name]
             fns[name] = jax.jit(lambda p, xb: self.model.apply({"params": p}, xb, method=method))
-        return np.concatenate([np.asarray(fns[name](params, x[i:i + batch_size]))
-                               for i in range(0, len(x), batch_size)])
+        return map_chunked(lambda xb: fns[name](params, xb), [x], batch_size)
 
     def encode(self, params, images):
         """uint8 [N, H, W, C] -> codes float32 [N, latent_dim]."""
@@ -122,18 +149,33 @@ class AutoencoderTask(Task):
         x = images_to_float(self.check_images(images))
         return images_to_uint8(self.denoise(params, np.asarray(corruption.to_grey(jnp.asarray(x)))))
 
-    def sample_codes(self, run, num: int, seed: int = 0) -> np.ndarray:
+    def translate(self, params, sources):
+        """Paired runs: source images uint8 [N, H, W, C] -> the model's output uint8 [N, H, W, C]."""
+        if not self.paired:
+            raise DataError("translate() is for paired runs (objective.corruption='paired'); this run "
+                            f"trains with corruption={self.objective['corruption']!r}: use reconstruct().")
+        x = images_to_float(self.check_field("source", sources))
+        return images_to_uint8(self._apply(params, x, "reconstruct"))
+
+    def decode_random_codes(self, params, num: int, seed: int = 0) -> np.ndarray:
         """Decode ``num`` codes drawn from a Gaussian fitted to the test set's codes: uint8 [num, H, W, C]."""
-        codes = run.encode(self.load_data(self.config.data.eval_split).images)
+        if not getattr(self.model, "latent_dim", 0):
+            raise DataError(f"this {self.name!r} run has no dense code (latent_dim 0) to sample from.")
+        codes = self.encode(params, self.load_data(self.config.data.eval_split).images)
         mean, std = codes.mean(0), codes.std(0)
         z = np.random.default_rng(seed).normal(size=(num, len(mean))) * std + mean
-        return run.decode(z.astype(np.float32))
+        return self.decode(params, z.astype(np.float32))
 
     # -- previews and evaluation ------------------------------------------------------------
     def preview(self, params, batch):
         """Images over their reconstructions (inpainting: restorations; colorization: colorized)."""
         images = np.asarray(jax.device_get(batch["image"]))[:16]
         kind = self.objective["corruption"]
+        if kind == "paired":
+            images = np.asarray(jax.device_get(batch["source"]))[:16]
+            return make_grid(np.concatenate([images, self.translate(params, images),
+                                             np.asarray(jax.device_get(batch["image"]))[:16]]),
+                             ncol=len(images), upscale=preview_upscale(images.shape[1]))
         if kind == "occlude":
             _, holes = self.occlude(jax.random.key(EVAL_KEY), jnp.asarray(images_to_float(images)))
             out = self.inpaint(params, images, np.asarray(holes))
@@ -149,6 +191,8 @@ class AutoencoderTask(Task):
             return self.evaluate_inpainting(run, out_dir)
         if kind == "grey":
             return self.evaluate_colorization(run, out_dir)
+        if kind == "paired":
+            return self.evaluate_paired(run, out_dir)
         train, test = self.load_data(self.config.data.train_split), self.load_data(self.config.data.eval_split)
         exclude = tuple(self.config.data.get("exclude_labels", ()) or ())
         normal = ~np.isin(test.labels, exclude) if (exclude and test.labels is not None) else np.ones(len(test), bool)
@@ -175,6 +219,24 @@ class AutoencoderTask(Task):
             codes = np.abs(run.encode(test.images)).reshape(len(test), -1)
             out["code_l1"] = float(codes.sum(1).mean())
             out["code_fraction_near_zero"] = float((codes < 1e-2).mean())
+        return out
+
+    def evaluate_paired(self, run, out_dir) -> dict:
+        """Paired runs: MSE on [0, 1] pixels between the output for each test source and its
+        target image, against two references: the source itself taken as the output, and the
+        training set's mean image; a PNG (rows: source, output, target)."""
+        train, test = self.load_data(self.config.data.train_split), self.load_data(self.config.data.eval_split)
+        src, tgt = self.gather(test)["source"], self.gather(test)["image"]
+        pred = run.translate(src)
+        f01 = lambda a: np.asarray(a, np.float64) / 255.0
+        err = lambda a: float(np.mean((f01(a) - f01(tgt)) ** 2))
+        out = {"test_mse": err(pred), "source_as_output_mse": err(src),
+               "mean_image_mse": err(np.broadcast_to(train.images.mean(0), tgt.shape))}
+        out["target_beats_source_met"] = bool(out["test_mse"] < out["source_as_output_mse"])
+        pick = spread_indices(len(src))
+        save_png(os.path.join(out_dir, "paired.png"),
+                 make_grid(np.concatenate([src[pick], pred[pick], tgt[pick]]), ncol=len(pick),
+                           upscale=preview_upscale(src.shape[1])))
         return out
 
     def evaluate_denoising(self, run, images: np.ndarray, out_dir: str, rounds: int = 5) -> dict:
@@ -260,6 +322,7 @@ class VAETask(AutoencoderTask):
     """VAE: −log p(x|z) (Bernoulli on [0, 1] pixels) + β·KL(q(z|x) || N(0, I)), reparameterised."""
 
     name = "vae"
+    abilities = AutoencoderTask.abilities + ("sample",)
     _METHODS = {"encode": lambda m, x: m.encode(x).mean, "decode": lambda m, z: m.decode(z),
                 "reconstruct": lambda m, x: m.decode(m.encode(x).mean)}
 

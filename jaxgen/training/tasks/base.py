@@ -7,9 +7,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxgen.convert.config import _freeze
+from jaxgen.convert.config import freeze
+from jaxgen.data.fields import Input, check_field, example_arrays, gather
 from jaxgen.data.pipeline import images_to_float
 from jaxgen.errors import ConfigError, DataError
+from jaxgen.training.config_values import plain
 
 
 def build_module(class_path: str, fields: dict):
@@ -21,7 +23,7 @@ def build_module(class_path: str, fields: dict):
         raise ConfigError(f"model_class={class_path!r} does not name a class as 'package.module:Class' "
                           f"({e}).") from e
     try:
-        return cls(**{k: _freeze(v) for k, v in fields.items()})
+        return cls(**{k: freeze(v) for k, v in fields.items()})
     except TypeError as e:
         raise ConfigError(f"config.model does not fit {attr}: {e}.") from e
 
@@ -50,7 +52,20 @@ def class_labels(num: int, labels, num_classes: int, unconditional: str) -> np.n
 
 class Task:
     """Subclasses set ``name`` and implement init_params, loss_fn; optionally preview, evaluate
-    and the Run abilities (encode/decode/reconstruct/sample/encode_text/encode_image).
+    and the Run abilities.
+
+    The training contract, for every family:
+
+    * ``inputs()`` names the fields one training example needs, each a
+      ``jaxgen.data.fields.Input`` (kind, per-example shape, optional); the default is
+      {"image": uint8 [H, W, C], "label": int32 [] optional} from config.model.image_size and
+      in_channels. ``batch_arrays`` gathers exactly those from the dataset (a missing or
+      mis-shaped field is a DataError naming it) and turns them into the host arrays the input
+      pipeline indexes; ``example_batch`` builds a one-example batch of the same shapes.
+    * ``abilities`` names the methods a trained Run offers (``run.sample``, ``run.encode``,
+      ``run.edit``, ...). Each is a task method ``fn(variables, *args, **kwargs)``; the Run binds
+      its variables and forwards the call, so a new family adds abilities without touching the
+      Run, ``train.sample`` or ``train.eval``.
 
     Model state (non-parameter Flax collections the forward pass updates, e.g. an EMA codebook's
     ``"vq_ema"`` or BatchNorm's ``"batch_stats"``): a task that has some returns it from
@@ -61,6 +76,7 @@ class Task:
 
     name = "task"
     stages: tuple[str, ...] = ("main",)
+    abilities: tuple[str, ...] = ()
 
     def __init__(self, config):
         self.config = config
@@ -79,48 +95,65 @@ class Task:
         """
 
     # -- data --------------------------------------------------------------------------------
+    def inputs(self) -> dict[str, Input]:
+        """The fields one training example needs: {name: Input}. Default: an image at the
+        model's size and an optional class label."""
+        m = self.config.model
+        return {"image": Input("image", (m.image_size, m.image_size, m.in_channels), doc="the training image"),
+                "label": Input("int", (), optional=True, doc="class id")}
+
     def load_data(self, split: str):
-        """The ArrayDataset of ``split`` (config.data.name, prepared offline on first use)."""
+        """The ArrayDataset of ``split`` (config.data.name, prepared offline on first use; the
+        optional config.data.options are passed to load_dataset, e.g. fields=("source", "image")
+        for a paired image folder)."""
         from jaxgen.data import load_dataset
 
         data_dir = self.config.data.get("data_dir") or None
-        return load_dataset(self.config.data.name, split, data_dir=data_dir)
+        options = plain(self.config.data.get("options", None) or {})
+        return load_dataset(self.config.data.name, split, data_dir=data_dir, **options)
 
-    def batch_arrays(self, ds) -> dict[str, np.ndarray]:
-        """Host arrays the pipeline indexes: {"image": uint8 [N, H, W, C], "label": int32 [N]},
+    def gather(self, ds) -> dict:
+        """The fields of ``inputs()`` from the dataset ``ds``, checked (jaxgen.data.fields.gather),
         without the examples whose label is in config.data.exclude_labels (anomaly detection:
         train without some classes, score them at evaluation)."""
-        arrays = {"image": ds.images}
-        if ds.labels is not None:
-            arrays["label"] = ds.labels.astype(np.int32)
+        arrays = gather(ds, self.inputs(), where=f"{self.name} task on {ds.name}/{ds.split}")
         exclude = tuple(self.config.data.get("exclude_labels", ()) or ())
         if exclude:
             if "label" not in arrays:
                 raise DataError(f"data.exclude_labels={list(exclude)} but dataset {self.config.data.name!r} "
                                 "has no labels; clear data.exclude_labels.")
             keep = ~np.isin(arrays["label"], exclude)
-            arrays = {k: v[keep] for k, v in arrays.items()}
+            arrays = {k: (v[keep] if isinstance(v, np.ndarray) else [t for t, k_ in zip(v, keep) if k_])
+                      for k, v in arrays.items()}
         return arrays
+
+    def batch_arrays(self, ds) -> dict[str, np.ndarray]:
+        """Host arrays the pipeline indexes, {name: array [N, ...]}: the gathered inputs. Tasks
+        with text inputs override this to turn text into arrays (token ids, table rows)."""
+        arrays = self.gather(ds)
+        text = [k for k, v in arrays.items() if not isinstance(v, np.ndarray)]
+        if text:
+            raise TypeError(f"{type(self).__name__} declares text input(s) {text} but does not turn them "
+                            "into arrays: override batch_arrays.")
+        return arrays
+
+    def check_field(self, name: str, values) -> np.ndarray:
+        """One input field given by a user (all examples), checked against ``inputs()[name]``:
+        e.g. images uint8 [N, H, W, C] at the dataset's resolution, or a DataError saying what is
+        wrong."""
+        spec = self.inputs().get(name)
+        if spec is None:
+            raise DataError(f"a {self.name!r} run takes no {name!r}; it takes {', '.join(self.inputs())}.")
+        return check_field(name, values, spec, where=f"a {self.name!r} run")
 
     def check_images(self, images: np.ndarray) -> np.ndarray:
         """uint8 [N, H, W, C] at the dataset's resolution, or a DataError saying what is wrong."""
-        images = np.asarray(images)
-        want = (self.config.model.image_size, self.config.model.image_size, self.config.model.in_channels)
-        if images.ndim == 3 and want[2] == 1 and images.shape[1:] == want[:2]:
-            images = images[..., None]  # [N, H, W] grey -> [N, H, W, 1]
-        if images.ndim != 4 or tuple(images.shape[1:]) != want:
-            raise DataError(f"images have shape {images.shape}; this run takes uint8 [N, {want[0]}, "
-                            f"{want[1]}, {want[2]}] (NHWC at the dataset's resolution).")
-        if images.dtype != np.uint8:
-            raise DataError(f"images have dtype {images.dtype}; pass uint8 in [0, 255] "
-                            "(e.g. np.round(x * 255).astype(np.uint8) for floats in [0, 1]).")
-        return images
+        return self.check_field("image", images)
 
     def example_batch(self) -> dict:
-        """A one-example batch of the right shapes and dtypes (for init / eval_shape)."""
-        m = self.config.model
-        return {"image": np.zeros((1, m.image_size, m.image_size, m.in_channels), np.uint8),
-                "label": np.zeros((1,), np.int32)}
+        """A one-example batch of the right shapes and dtypes (for init / eval_shape): zeros of
+        every non-text input, optional ones included."""
+        return example_arrays(self.inputs())
 
     # -- model -------------------------------------------------------------------------------
     def init_params(self, key: jax.Array, batch: dict) -> Any:

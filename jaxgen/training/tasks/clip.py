@@ -43,8 +43,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgen import clip_utils
+from jaxgen.data.chunks import map_chunked
+from jaxgen.data.fields import Input
 from jaxgen.errors import ConfigError, DataError
 from jaxgen.nn.clip import CLIP_MEAN, CLIP_STD, clip_pixel_values
+from jaxgen.training.config_values import check_range
 from jaxgen.training.tasks.base import Task
 
 CONTEXT_LENGTH = 77     # input_ids are [N, 77], CLIP's text context
@@ -111,6 +114,7 @@ class ClipTask(Task):
     """Trains ``CLIPModel(input_ids, pixel_values)`` with CLIP's contrastive loss."""
 
     name = "clip"
+    abilities = ("encode_text", "encode_image", "tokenizer")
 
     def __init__(self, config):
         super().__init__(config)
@@ -121,13 +125,9 @@ class ClipTask(Task):
                               f"{self.text_cfg['max_position_embeddings']}: CLIP runs tokenize to "
                               f"{CONTEXT_LENGTH} positions; set it to {CONTEXT_LENGTH}.")
         self.train_context = int(config.tokenizer.train_context)
-        if not 2 <= self.train_context <= CONTEXT_LENGTH:
-            raise ConfigError(f"tokenizer.train_context={self.train_context} must be in "
-                              f"[2, {CONTEXT_LENGTH}].")
-        self.max_logit_scale = float(config.objective.max_logit_scale)
-        if self.max_logit_scale <= 0:
-            raise ConfigError(f"objective.max_logit_scale={self.max_logit_scale} must be > 0 "
-                              "(CLIP uses 100).")
+        check_range("tokenizer.train_context", self.train_context, 2, CONTEXT_LENGTH)
+        self.max_logit_scale = check_range("objective.max_logit_scale", config.objective.max_logit_scale, 0.0,
+                                           low_open=True, hint="CLIP uses 100")
         self.space = CaptionSpace.of(config.data.name)
         if config.data.augment_captions and self.space is None:
             raise ConfigError(f"data.augment_captions=True, but dataset {config.data.name!r} has no "
@@ -237,14 +237,18 @@ class ClipTask(Task):
             self._data[split] = super().load_data(split)
         return self._data[split]
 
+    def inputs(self):
+        """{"image": uint8 [S, S, C] (the vision tower's size), "caption": text}."""
+        s, c = self.vision_cfg["image_size"], self.vision_cfg["num_channels"]
+        return {"image": Input("image", (s, s, c), doc="the image"),
+                "caption": Input("text", doc="its caption: contrastive training pairs images with captions")}
+
     def batch_arrays(self, ds) -> dict[str, np.ndarray]:
         """{"image": uint8 [N, H, W, C], "input_ids": int32 [N, 77] (canonical captions), and with
         data.augment_captions "alt_input_ids": int32 [N, T - 1, 77] (the other phrasings)}."""
-        if ds.captions is None:
-            raise DataError(f"{ds.name}/{ds.split} has no captions; CLIP needs captioned images.")
-        images = self.check_images(ds.images)
+        fields = self.gather(ds)
         tok = self.tokenizer
-        arrays = {"image": images, "input_ids": tok(ds.captions)}
+        arrays = {"image": fields["image"], "input_ids": tok(fields["caption"])}
         if len(self.templates) > 1:
             classes = self.space.classes_of(ds)
             uniq, inverse = np.unique(classes, return_inverse=True)
@@ -259,20 +263,6 @@ class ClipTask(Task):
                               f"tokenizer.train_context={self.train_context}: set it to at least "
                               f"{ends.max()} (at most {CONTEXT_LENGTH}).")
         return arrays
-
-    def check_images(self, images: np.ndarray) -> np.ndarray:
-        """uint8 [N, S, S, C] (S = vision image_size, C = num_channels), or a DataError."""
-        images = np.asarray(images)
-        s, c = self.vision_cfg["image_size"], self.vision_cfg["num_channels"]
-        if images.ndim == 3 and c == 1 and images.shape[1:] == (s, s):
-            images = images[..., None]   # [N, S, S] grey -> [N, S, S, 1]
-        if images.ndim != 4 or tuple(images.shape[1:]) != (s, s, c):
-            raise DataError(f"images have shape {images.shape}; this run takes uint8 [N, {s}, {s}, {c}] "
-                            "(NHWC at the dataset's resolution).")
-        if images.dtype != np.uint8:
-            raise DataError(f"images have dtype {images.dtype}; pass uint8 in [0, 255] "
-                            "(e.g. np.round(x * 255).astype(np.uint8) for floats in [0, 1]).")
-        return images
 
     def example_batch(self) -> dict:
         s, c = self.vision_cfg["image_size"], self.vision_cfg["num_channels"]
@@ -445,16 +435,9 @@ def _recall(similarity, relevant):
 
 
 def _chunked(fn, params, x: np.ndarray) -> np.ndarray:
-    """fn(params, x[i:i + CHUNK]) over x [N, ...], concatenated on the host: float32 [N, P].
-    Each chunk is padded (repeating its last row) to a power of two, so calls of any size reuse
-    a few compiled shapes."""
-    out = []
-    for i in range(0, len(x), CHUNK):
-        part = x[i:i + CHUNK]
-        size = min(CHUNK, 1 << (len(part) - 1).bit_length())
-        padded = np.concatenate([part, np.repeat(part[-1:], size - len(part), axis=0)])
-        out.append(np.asarray(fn(params, padded))[:len(part)])
-    return np.concatenate(out)
+    """fn(params, chunk) over x [N, ...] in chunks of at most CHUNK rows (padded by repeating the
+    last row to a power of two, so calls of any size reuse a few compiled shapes): float32 [N, P]."""
+    return map_chunked(lambda part: fn(params, part), [x], CHUNK, power_of_two=True)
 
 
 def _text_lengths(ids: np.ndarray, eos_id: int) -> np.ndarray:

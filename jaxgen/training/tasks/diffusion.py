@@ -40,13 +40,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgen.data.fields import Input
 from jaxgen.data.pipeline import images_to_float, images_to_uint8
 from jaxgen.diffusion import process
 from jaxgen.diffusion.sampling import guided_output, sample_loop
 from jaxgen.diffusion.schedulers import SCHEDULERS, Scheduler, scheduler_from_config
 from jaxgen.diffusion.schedules import make_schedule
 from jaxgen.errors import ConfigError, DataError
-from jaxgen.eval.images import class_rows_grid, make_grid, save_png
+from jaxgen.eval.images import class_rows_grid, make_grid, preview_upscale, save_png
+from jaxgen.training.config_values import check_choice, check_range, plain
 from jaxgen.training.tasks.base import Task, class_labels
 
 LOSS_WEIGHTINGS = ("uniform", "min_snr")
@@ -54,17 +56,6 @@ LOSS_WEIGHTINGS = ("uniform", "min_snr")
 SCHEDULE_FIELDS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end",
                    "rescale_betas_zero_snr")
 EVAL_SEED = 0
-
-
-def _plain(value):
-    """ConfigDict / list values read back from a checkpoint's JSON -> plain dicts and tuples."""
-    if hasattr(value, "to_dict"):
-        value = value.to_dict()
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return tuple(_plain(v) for v in value)
-    return value
 
 
 class TrainingScheduleMixin:
@@ -75,16 +66,12 @@ class TrainingScheduleMixin:
     def check_objective(self, d) -> None:
         """Check config.diffusion's prediction_type, loss_weighting and snr_gamma; sets
         self.prediction_type."""
-        self.prediction_type = d.prediction_type
-        if self.prediction_type not in process.PREDICTION_TYPES:
-            raise ConfigError(f"diffusion.prediction_type={self.prediction_type!r}: choose one of "
-                              f"{', '.join(process.PREDICTION_TYPES)}.")
-        if d.loss_weighting not in LOSS_WEIGHTINGS:
-            raise ConfigError(f"diffusion.loss_weighting={d.loss_weighting!r}: choose one of "
-                              f"{', '.join(LOSS_WEIGHTINGS)}.")
-        if d.loss_weighting == "min_snr" and not d.snr_gamma > 0:
-            raise ConfigError(f"diffusion.snr_gamma={d.snr_gamma}: min-SNR weighting needs gamma > 0 "
-                              "(5 is the paper's value).")
+        self.prediction_type = check_choice("diffusion.prediction_type", d.prediction_type,
+                                            process.PREDICTION_TYPES)
+        check_choice("diffusion.loss_weighting", d.loss_weighting, LOSS_WEIGHTINGS)
+        if d.loss_weighting == "min_snr":
+            check_range("diffusion.snr_gamma", d.snr_gamma, 0.0, low_open=True,
+                        hint="min-SNR weighting needs gamma > 0; 5 is the paper's value")
 
     def loss_weights(self, t):
         """Per-example loss weights: t [B] int32 -> [B] float32 (ones, or min-SNR-gamma)."""
@@ -98,8 +85,8 @@ class TrainingScheduleMixin:
         schedule's fields, its prediction_type, and config.sampling.scheduler_config."""
         d = self.config.diffusion
         cfg = {"_class_name": class_name, "prediction_type": self.prediction_type,
-               **{f: _plain(d[f]) for f in SCHEDULE_FIELDS}}
-        extra = _plain(self.config.sampling.get("scheduler_config", None) or {})
+               **{f: plain(d[f]) for f in SCHEDULE_FIELDS}}
+        extra = plain(self.config.sampling.get("scheduler_config", None) or {})
         clash = sorted(set(extra) & set(cfg))
         if clash:
             raise ConfigError(f"sampling.scheduler_config sets {clash}: those come from the training "
@@ -123,7 +110,7 @@ class TrainingScheduleMixin:
                               "'DDIMScheduler' or a jaxgen scheduler object.")
         own = scheduler.config
         want = {"prediction_type": self.prediction_type,
-                **{f: _plain(self.config.diffusion[f]) for f in SCHEDULE_FIELDS}}
+                **{f: plain(self.config.diffusion[f]) for f in SCHEDULE_FIELDS}}
         bad = [f"{k}={own[k]!r} (trained with {v!r})" for k, v in want.items()
                if k in own and own[k] != v and not (isinstance(v, float) and np.isclose(own[k], v))]
         if bad:
@@ -137,6 +124,7 @@ class DiffusionTask(TrainingScheduleMixin, Task):
     """Trains ``UNet2DModel(x_t, t, class_labels)`` as a DDPM; ``sample`` runs any scheduler."""
 
     name = "diffusion"
+    abilities = ("sample",)
 
     def __init__(self, config):
         super().__init__(config)
@@ -151,8 +139,7 @@ class DiffusionTask(TrainingScheduleMixin, Task):
         if self.num_classes == 0 and (embeds is not None or self.model.class_embed_type is not None):
             raise ConfigError("diffusion.num_classes=0 (unconditional) but the model has a class "
                               "embedding: set model.num_class_embeds=None, or num_classes.")
-        if not 0.0 <= float(d.label_dropout) < 1.0:
-            raise ConfigError(f"diffusion.label_dropout={d.label_dropout} must be in [0, 1).")
+        check_range("diffusion.label_dropout", d.label_dropout, 0.0, 1.0, high_open=True)
         self.schedule = make_schedule(d.beta_schedule, d.num_train_timesteps, d.beta_start, d.beta_end,
                                       rescale_betas_zero_snr=bool(d.rescale_betas_zero_snr))
         if self.prediction_type == "epsilon" and bool(d.rescale_betas_zero_snr):
@@ -174,9 +161,12 @@ class DiffusionTask(TrainingScheduleMixin, Task):
         """The class id of the unconditional (dropped) label: num_classes."""
         return self.num_classes
 
-    def example_batch(self) -> dict:
-        h, w, c = self.image_shape
-        return {"image": np.zeros((1, h, w, c), np.uint8), "label": np.zeros((1,), np.int32)}
+    def inputs(self):
+        """{"image": uint8 [H, W, C] (the U-Net's sample size), "label": int32 [] (required when
+        the model is class-conditional)}."""
+        return {"image": Input("image", self.image_shape, doc="the training image"),
+                "label": Input("int", (), optional=not self.num_classes,
+                               doc="class id: this U-Net is class-conditional")}
 
     # -- model -------------------------------------------------------------------------------
     def init_params(self, key, batch):
@@ -227,7 +217,7 @@ class DiffusionTask(TrainingScheduleMixin, Task):
     def step_options(self, scheduler: Scheduler) -> dict:
         """Keyword arguments of ``scheduler.step`` from config.sampling.step_options[class name]
         (e.g. DDIM's use_clipped_model_output, eta)."""
-        opts = _plain(self.config.sampling.get("step_options", None) or {})
+        opts = plain(self.config.sampling.get("step_options", None) or {})
         return dict(opts.get(type(scheduler).__name__, {}))
 
     def sampler(self, scheduler: Scheduler, num_steps: int, guided: bool, trajectory: bool = False):
@@ -324,7 +314,7 @@ class DiffusionTask(TrainingScheduleMixin, Task):
 
     # -- previews and evaluation ------------------------------------------------------------
     def _upscale(self) -> int:
-        return 4 if self.image_shape[0] < 16 else 1
+        return preview_upscale(self.image_shape[0])
 
     def class_grid(self, samples: np.ndarray, labels: np.ndarray | None, per_class: int = 10) -> np.ndarray:
         """uint8 grid with one row per class (the first ``per_class`` samples of each)."""
@@ -409,12 +399,12 @@ class DiffusionTask(TrainingScheduleMixin, Task):
         out.update({f"sample_{k}": v for k, v in measure("samples_per_class.png").items()})
         self.trajectory_strip(run.params, os.path.join(out_dir, "trajectory.png"))
         out["by_scheduler"] = {}
-        for name, steps in _plain(e.schedulers):
+        for name, steps in plain(e.schedulers):
             out["by_scheduler"][f"{name}_{int(steps)}"] = measure(
                 f"samples_{name}_{int(steps)}.png", scheduler=name, num_steps=int(steps))
         out["by_guidance"] = {}
         if labels is not None:
-            for g in _plain(e.guidance_scales):
+            for g in plain(e.guidance_scales):
                 out["by_guidance"][f"{float(g):g}"] = measure(f"samples_guidance_{float(g):g}.png",
                                                               guidance_scale=float(g))
             out["target_accuracy_0.95_met"] = bool(out["sample_accuracy"] >= 0.95)

@@ -29,9 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgen import losses
+from jaxgen.data.chunks import map_chunked
 from jaxgen.data.pipeline import images_to_float, images_to_uint8
 from jaxgen.errors import ConfigError
-from jaxgen.eval.images import make_grid, save_png, spread_indices
+from jaxgen.eval.images import make_grid, preview_upscale, save_png, spread_indices
 from jaxgen.nn.mae import patchify, unpatchify
 from jaxgen.training.tasks.base import Task
 
@@ -43,6 +44,7 @@ class MAETask(Task):
     """Masked autoencoder: loss on the hidden patches, evaluation against the mean-patch fill."""
 
     name = "mae"
+    abilities = ("encode", "reconstruct")
 
     def __init__(self, config):
         super().__init__(config)
@@ -107,8 +109,7 @@ class MAETask(Task):
     def encode(self, params, images):
         """uint8 [N, H, W, C] -> float32 [N, D], mean-pooled encoder tokens of all patches."""
         x = images_to_float(self.check_images(images))
-        return np.concatenate([np.asarray(self._fn("features")(params, x[i:i + CHUNK]), np.float32)
-                               for i in range(0, len(x), CHUNK)])
+        return map_chunked(lambda xb: self._fn("features")(params, xb), [x], CHUNK).astype(np.float32)
 
     def reconstruct(self, params, images):
         """uint8 [N, H, W, C] -> uint8: visible patches kept, hidden ones predicted (fixed masks)."""
@@ -121,7 +122,7 @@ class MAETask(Task):
         pred, mask = self.predict_masked(params, images)
         rows = np.concatenate([images, self.composite(images, 0.0, mask),  # 0.0 = mid-grey
                                self.composite(images, self.to_pixels(pred, images), mask)])
-        return make_grid(rows, ncol=len(images), upscale=4 if images.shape[1] < 16 else 2)
+        return make_grid(rows, ncol=len(images), upscale=preview_upscale(images.shape[1]))
 
     def preview(self, params, batch):
         return self.strip(params, np.asarray(jax.device_get(batch["image"]))[:16])

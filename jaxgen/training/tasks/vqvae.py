@@ -49,19 +49,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgen import losses
+from jaxgen.data.chunks import map_chunked
+from jaxgen.data.fields import Input
 from jaxgen.data.pipeline import images_to_float, images_to_uint8
 from jaxgen.errors import ConfigError, DataError
-from jaxgen.eval.images import class_rows_grid, make_grid, save_png
+from jaxgen.eval.images import class_rows_grid, make_grid, preview_upscale, save_png
 from jaxgen.nn.prior import code_nll, dead_code_loss, sample_codes
+from jaxgen.training.config_values import check_range
 from jaxgen.training.tasks.base import Task, build_module, class_labels
 
 EVAL_SEED = 0
 REFERENCE_STREAM = 17  # the RNG stream [seed, 17] that picks the dead codes' reference images
 CHUNK = 512  # images per jitted call in encode/decode/reconstruct
-
-
-def _upscale(image_size: int) -> int:
-    return 4 if image_size < 16 else 1
 
 
 def _vq_fn(model, name: str):
@@ -77,15 +76,9 @@ def _vq_fn(model, name: str):
 
 
 def _chunked(fn, params, x: np.ndarray) -> np.ndarray:
-    """fn over x [N, ...] in chunks of CHUNK rows; each chunk is zero-padded to a power of two (at
-    most CHUNK), so a few batch shapes compile, not one per N."""
-    out = []
-    for i in range(0, len(x), CHUNK):
-        part = x[i:i + CHUNK]
-        size = min(CHUNK, 1 << max(len(part) - 1, 0).bit_length())
-        padded = np.concatenate([part, np.zeros((size - len(part), *part.shape[1:]), part.dtype)])
-        out.append(np.asarray(fn(params, padded))[:len(part)])
-    return np.concatenate(out)
+    """fn(params, chunk) over x [N, ...] in chunks of at most CHUNK rows, each zero-padded to a
+    power of two, so a few batch shapes compile, not one per N."""
+    return map_chunked(lambda part: fn(params, part), [x], CHUNK, power_of_two=True, pad="zeros")
 
 
 class VQVAEStage(Task):
@@ -104,10 +97,8 @@ class VQVAEStage(Task):
                 raise ConfigError(f"model_class={config.model_class!r} is not a VQ-VAE with {field}; the "
                                   "vqvae task trains jaxgen.nn.prior:ConvVQVAE.")
         self.ema = self.model.codebook_type == "ema"
-        self.dead_code_weight = float(config.vq.dead_code_weight)
-        if self.dead_code_weight < 0:
-            raise ConfigError(f"vq.dead_code_weight={self.dead_code_weight} must be >= 0 (0 turns the "
-                              "pull on unused codes off).")
+        self.dead_code_weight = check_range("vq.dead_code_weight", config.vq.dead_code_weight, 0.0,
+                                            hint="0 turns the pull on unused codes off")
         if self.ema and self.dead_code_weight:
             raise ConfigError(f"vq.dead_code_weight={self.dead_code_weight} pulls unused codes of a gradient-"
                               "trained codebook; the EMA codebook (model.codebook_type='ema') revives codes "
@@ -193,7 +184,7 @@ class VQVAEStage(Task):
         """16 batch images over their reconstructions; variables: bind_state(params, model_state)."""
         images = np.asarray(jax.device_get(batch["image"]))[:16]
         recon = images_to_uint8(self.fn("reconstruct")(variables, images_to_float(images)))
-        return make_grid(np.concatenate([images, recon]), ncol=len(images), upscale=_upscale(images.shape[1]))
+        return make_grid(np.concatenate([images, recon]), ncol=len(images), upscale=preview_upscale(images.shape[1]))
 
 
 class PriorStage(Task):
@@ -212,14 +203,19 @@ class PriorStage(Task):
         self.seq_len = int(self.model.seq_len)
         self.num_classes = int(self.model.num_classes)
 
+    def inputs(self):
+        """The VQ-VAE's image, and the class label when the prior is class-conditional."""
+        return {"image": self.vqvae.inputs()["image"],
+                "label": Input("int", (), optional=not self.num_classes,
+                               doc="class id: the prior is class-conditional (or set "
+                                   "stages.prior.model.num_classes=0)")}
+
     def batch_arrays(self, ds):
         """Encode the split once: {"codes": int32 [N, L] (raster order), "label": int32 [N]}."""
-        if self.num_classes and ds.labels is None:
-            raise DataError(f"the prior is class-conditional (num_classes={self.num_classes}) but "
-                            f"{self.config.data.name!r} has no labels; set stages.prior.model.num_classes=0.")
-        codes = _chunked(self.vqvae.fn("encode"), self.vqvae_variables, images_to_float(ds.images))
+        fields = self.gather(ds)
+        codes = _chunked(self.vqvae.fn("encode"), self.vqvae_variables, images_to_float(fields["image"]))
         arrays = {"codes": codes.reshape(len(codes), -1).astype(np.int32)}  # [N, h, w] -> [N, L]
-        arrays["label"] = (ds.labels if ds.labels is not None else np.zeros(len(codes))).astype(np.int32)
+        arrays["label"] = fields.get("label", np.zeros(len(codes), np.int32)).astype(np.int32)
         return arrays
 
     def example_batch(self):
@@ -240,7 +236,7 @@ class PriorStage(Task):
         grid = int(self.vqvae.model.grid_size)
         codes = np.asarray(fn(params, labels)).reshape(n, grid, grid)  # raster order -> [n, h, w]
         images = images_to_uint8(self.vqvae.fn("decode")(self.vqvae_variables, codes))
-        return make_grid(images, ncol=max(self.num_classes, 8), upscale=_upscale(images.shape[1]))
+        return make_grid(images, ncol=max(self.num_classes, 8), upscale=preview_upscale(images.shape[1]))
 
     def loss_fn(self, params, batch, key):
         codes = batch["codes"]
@@ -256,6 +252,7 @@ class VQVAETask(Task):
     {"vqvae": the VQ-VAE's Flax variables (VQVAEStage.bind_state), "prior": the prior's params}."""
 
     name = "vqvae"
+    abilities = ("encode", "decode", "reconstruct", "sample", "sample_codes")
     stages = ("vqvae", "prior")
 
     def __init__(self, config):
@@ -290,7 +287,7 @@ class VQVAETask(Task):
 
     def _vqvae(self) -> VQVAEStage:
         if self._vq is None:
-            from jaxgen.training.trainer import stage_config
+            from jaxgen.training.stages import stage_config
 
             self._vq = VQVAEStage(stage_config(self.config, "vqvae"))
         return self._vq
@@ -368,7 +365,7 @@ class VQVAETask(Task):
     # -- evaluation -------------------------------------------------------------------------
     def class_grid(self, samples: np.ndarray, labels: np.ndarray | None, per_class: int = 10) -> np.ndarray:
         """uint8 grid with one row per class (the first ``per_class`` samples of each)."""
-        return class_rows_grid(samples, labels, self.num_classes, per_class, _upscale(samples.shape[1]))
+        return class_rows_grid(samples, labels, self.num_classes, per_class, preview_upscale(samples.shape[1]))
 
     def prior_bits_per_code(self, variables, codes: np.ndarray, labels: np.ndarray) -> float:
         """The prior's mean cross-entropy in bits per code on code grids int [N, h, w]."""
@@ -408,7 +405,7 @@ class VQVAETask(Task):
         out["num_codes"] = k
         out["prior_bits_per_code_train"] = self.prior_bits_per_code(run.variables, c_train, train.labels)
         out["prior_bits_per_code_test"] = self.prior_bits_per_code(run.variables, c_test, test.labels)
-        up = _upscale(test.images.shape[1])
+        up = preview_upscale(test.images.shape[1])
         save_png(os.path.join(out_dir, "reconstructions.png"),
                  make_grid(np.concatenate([test.images[:16], recon[:16]]), ncol=16, upscale=up))
 
