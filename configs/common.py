@@ -11,7 +11,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.batch_size = 128
     c.total_steps = 1000
     c.checkpoint_every = 500
-    c.keep_checkpoints = 3
+    c.keep_checkpoints = 3        # the newest N checkpoints are kept; 0 keeps every one
     c.log_every = 50
     c.image_every = 500           # PNG preview every N steps (0 = only at the end... and never)
     c.compute_dtype = "float32"   # or "bfloat16" (float32 params, bf16 compute)
@@ -26,6 +26,19 @@ def base_config() -> ml_collections.ConfigDict:
     # run); new / drop / expand / zero: glob patterns over "/"-joined param paths
     c.init_from = init_from_off()
     return c
+
+
+def data_options(**options) -> ml_collections.ConfigDict:
+    """``config.data.options``: keyword options for the dataset source (jaxgen.data.load_dataset).
+    Every config has ``resolution`` (unset = keep the images' size; an int resizes and
+    center-crops every image field of an image folder or TFDS dataset to that square, e.g.
+    ``--config.data.options.resolution=32`` for a folder whose images are not the model's
+    size); ``options`` adds source options such as fields=("source", "image") for paired folders.
+    Unset (None) options are not passed on."""
+    o = ml_collections.ConfigDict({"resolution": ml_collections.config_dict.placeholder(int)})
+    for k, v in options.items():
+        o[k] = v
+    return o
 
 
 def init_from_off() -> ml_collections.ConfigDict:
@@ -68,7 +81,7 @@ def digits_autoencoder(latent_dim: int, skip: bool = False, dense: bool = False)
     c = base_config()
     c.task = "autoencoder"
     c.data = ml_collections.ConfigDict({"name": "digits", "train_split": "train", "eval_split": "test",
-                                        "data_dir": "", "exclude_labels": ()})
+                                        "data_dir": "", "options": data_options(), "exclude_labels": ()})
     if dense:
         c.model_class = "jaxgen.nn.autoencoder:DenseAutoencoder"
         c.model = ml_collections.ConfigDict({"image_size": 8, "in_channels": 1, "hidden_dims": (256, 128),
@@ -96,7 +109,7 @@ def mae_config(dataset: str, image_size: int, channels: int, patch_size: int,
     c = base_config()
     c.task = "mae"
     c.data = ml_collections.ConfigDict({"name": dataset, "train_split": "train", "eval_split": "test",
-                                        "data_dir": ""})
+                                        "data_dir": "", "options": data_options()})
     c.model_class = "jaxgen.nn.mae:MaskedAutoencoder"
     c.model = ml_collections.ConfigDict({
         "image_size": image_size, "in_channels": channels, "patch_size": patch_size,

@@ -16,7 +16,7 @@ min_snr); a schedule (cosine | linear; default cosine).
 """
 import ml_collections
 
-from configs.common import base_config, make_tiny, parse_arg
+from configs.common import base_config, data_options, make_tiny, parse_arg
 
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
 WEIGHTINGS = ("uniform", "min_snr")
@@ -35,7 +35,7 @@ def get_config(arg: str | None = None):
     c = base_config()
     c.task = "diffusion"
     c.data = ml_collections.ConfigDict({"name": "digits", "train_split": "train", "eval_split": "test",
-                                        "data_dir": ""})
+                                        "data_dir": "", "options": data_options()})
     c.model_class = "jaxgen.nn.unet:UNet2DModel"
     c.model = ml_collections.ConfigDict({
         "sample_size": 8, "in_channels": 1, "out_channels": 1,

@@ -22,7 +22,7 @@ trains without the digit 8: python -m train.anomaly scores it by reconstruction 
 """
 import ml_collections
 
-from configs.common import base_config, make_tiny, parse_arg, with_stage_init_from
+from configs.common import base_config, data_options, make_tiny, parse_arg, with_stage_init_from
 
 
 def get_config(arg: str | None = None):
@@ -30,7 +30,7 @@ def get_config(arg: str | None = None):
     c = base_config()
     c.task = "vqvae"
     c.data = ml_collections.ConfigDict({"name": "digits", "train_split": "train", "eval_split": "test",
-                                        "data_dir": ""})
+                                        "data_dir": "", "options": data_options()})
     grid2, gradient = "grid2" in words, "gradient" in words
     num_codes = 128 if grid2 else 64
     grid = 2 if grid2 else 4

@@ -10,8 +10,6 @@ of the same layout (DIR/{train,test}/{source,image}/*, same file names in both).
 taken as output and the mean training image; eval/paired.png shows source, output, target.
 Arguments: tiny (seconds, for tests).
 """
-import ml_collections
-
 from configs.common import make_tiny, parse_arg, skip_autoencoder
 
 
@@ -19,7 +17,7 @@ def get_config(arg: str | None = None):
     words = parse_arg(arg, ("tiny",))
     c = skip_autoencoder("folder:runs/paired_shapes", image_size=32, in_channels=3, channels=(16, 32),
                          objective={"corruption": "paired"})
-    c.data.options = ml_collections.ConfigDict({"fields": ("source", "image")})
+    c.data.options.fields = ("source", "image")
     c.total_steps = 1000
     if "tiny" in words:
         make_tiny(c)

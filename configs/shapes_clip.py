@@ -14,7 +14,7 @@ import math
 
 import ml_collections
 
-from configs.common import base_config, make_tiny, parse_arg
+from configs.common import base_config, data_options, make_tiny, parse_arg
 
 
 def clip_config(dataset: str, image_size: int, channels: int, patch_size: int, vocab_size: int,
@@ -42,7 +42,7 @@ def clip_config(dataset: str, image_size: int, channels: int, patch_size: int, v
         "logit_scale_init_value": math.log(1 / 0.07),
     })
     c.data = ml_collections.ConfigDict({"name": dataset, "train_split": "train", "eval_split": "test",
-                                        "heldout_split": heldout_split, "data_dir": "",
+                                        "heldout_split": heldout_split, "data_dir": "", "options": data_options(),
                                         "augment_captions": True})
     # train_context: positions of input_ids the training step reads (every caption must fit; the
     # causal text tower ignores what follows the end token, so this only saves compute)

@@ -25,7 +25,7 @@ import math
 
 import ml_collections
 
-from configs.common import base_config, make_tiny, parse_arg, with_stage_init_from
+from configs.common import base_config, data_options, make_tiny, parse_arg, with_stage_init_from
 
 VOCAB = 596   # the BPE vocabulary the shapes captions (six phrasings) support; start/end ids last
 
@@ -37,7 +37,7 @@ def get_config(arg: str | None = None):
     c = base_config()
     c.task = "ldm"
     c.data = ml_collections.ConfigDict({"name": "shapes", "train_split": "train", "eval_split": "test",
-                                        "heldout_split": "heldout", "data_dir": "",
+                                        "heldout_split": "heldout", "data_dir": "", "options": data_options(),
                                         "augment_captions": True})   # the text stage's phrasings
     # the run's model (run.model): the denoiser on 8x8x4 latents; attention_head_dim is the head COUNT
     c.model_class = "jaxgen.nn.unet:UNet2DConditionModel"

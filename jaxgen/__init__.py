@@ -18,6 +18,7 @@ _EXPORTS = {
     "load_tokenizer": "jaxgen.tokenizer:load_tokenizer",
     "scheduler_from_config": "jaxgen.diffusion.schedulers:scheduler_from_config",
     "StableDiffusionPipeline": "jaxgen.pipelines:StableDiffusionPipeline",
+    "StableDiffusionControlNetPipeline": "jaxgen.pipelines:StableDiffusionControlNetPipeline",
 }
 
 __all__ = sorted(_EXPORTS)

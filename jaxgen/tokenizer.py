@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -193,12 +194,17 @@ class CLIPTokenizer:
                     TFDS Text features come back) are decoded as UTF-8.
         max_length: padded length L; defaults to ``model_max_length`` (77).
         Returns ids, int32 ``[B, L]``: ``bos, tokens..., eos, pad...``; a text with more than L - 2
-        tokens is cut to its first L - 2 and still ends with eos. With return_attention_mask,
+        tokens is cut to its first L - 2 and still ends with eos, with a UserWarning saying how
+        many texts were cut and how many tokens were dropped. With return_attention_mask,
         returns ``(ids, mask)``, mask int32 ``[B, L]``: 1 on bos..eos, 0 on padding.
         """
         if isinstance(texts, (str, bytes)):
             texts = [texts]
-        texts = [t.decode("utf-8") if isinstance(t, bytes) else t for t in texts]
+        try:
+            texts = [t.decode("utf-8") if isinstance(t, bytes) else t for t in texts]
+        except UnicodeDecodeError as e:
+            raise DataError(f"CLIPTokenizer: a text given as bytes is not UTF-8 ({e.reason} at byte "
+                            f"{e.start}); decode it yourself, or pass str.") from None
         bad = [type(t).__name__ for t in texts if not isinstance(t, str)]
         if bad:
             raise DataError(f"CLIPTokenizer: every text must be a str, got {', '.join(sorted(set(bad)))}.")
@@ -207,11 +213,19 @@ class CLIPTokenizer:
             raise ConfigError(f"CLIPTokenizer: max_length={length} leaves no room for start and end tokens.")
         ids = np.full((len(texts), length), self.pad_token_id, np.int32)
         mask = np.zeros((len(texts), length), np.int32)
+        dropped = []                                      # tokens cut from each long text
         for row, enc in enumerate(self._backend.encode_batch(texts, add_special_tokens=False)):
             body = enc.ids[: length - 2]                  # truncation keeps room for bos and eos
+            if len(enc.ids) > len(body):
+                dropped.append(len(enc.ids) - len(body))
             n = len(body) + 2
             ids[row, :n] = [self.bos_token_id, *body, self.eos_token_id]
             mask[row, :n] = 1
+        if dropped:
+            warnings.warn(f"CLIPTokenizer: {len(dropped)} of {len(texts)} text(s) have more than the "
+                          f"{length - 2} tokens that fit in {length} positions; {sum(dropped)} token(s) were "
+                          f"dropped from their ends (at most {max(dropped)} from one text). Shorten the text "
+                          "to keep it whole.", UserWarning, stacklevel=2)
         return (ids, mask) if return_attention_mask else ids
 
     def __call__(self, texts: str | Sequence[str], max_length: int | None = None) -> np.ndarray:

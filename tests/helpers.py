@@ -8,6 +8,8 @@ torch is imported only when ``nchw`` is called, so a test file that skips withou
 """
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,3 +57,58 @@ def perturbed(params, seed: int):
         return jnp.asarray(p + 0.05 * (np.std(p) + 0.1) * rng.standard_normal(p.shape).astype(p.dtype))
 
     return jax.tree_util.tree_map(bump, params)
+
+
+def unit_noise(seed: int, shape) -> np.ndarray:
+    """Standard normal float32 numpy array of ``shape``, deterministic in ``seed``."""
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def max_err(ours, ref) -> float:
+    """max |ours - ref| over all elements, in float64."""
+    return float(np.max(np.abs(np.asarray(ours, np.float64) - np.asarray(ref, np.float64))))
+
+
+def check_images(ours, ref, what: str, tol: float = 1e-3) -> float:
+    """Pipeline images [B, H, W, 3] float32 in [0, 1] against diffusers': same shape, a reference
+    mostly inside (0, 1) (not clipped flat), max abs difference <= tol. Returns the difference."""
+    assert ours.shape == ref.shape and ours.dtype == np.float32, (ours.shape, ref.shape, ours.dtype)
+    inside = float(np.mean((ref > 0) & (ref < 1)))
+    assert inside > 0.5, f"{what}: reference images mostly clipped ({inside:.2f} inside (0, 1))"
+    err = max_err(ours, ref)
+    print(f"{what}: max |ours - diffusers| = {err:.2e}")
+    assert err <= tol, f"{what}: max abs error {err:.2e} > {tol}"
+    return err
+
+
+SHAPE_CAPTIONS = [f"a {s} {c} {k} {p}" for s in ("small", "large") for c in ("red", "green", "blue")
+                  for k in ("circle", "square", "triangle") for p in ("on the left", "at the top")]
+
+
+def tiny_sd_components(folder, size: int = 16, seed: int = 2) -> dict:
+    """The non-U-Net parts of a tiny random diffusers Stable Diffusion pipeline (imports torch,
+    diffusers and transformers): a CLIP tokenizer trained on SHAPE_CAPTIONS (written to
+    folder/tok), a 2-layer CLIPTextModel of width 32, an AutoencoderKL with factor 2 (latents
+    size/2 x size/2 x 4) and DDIM (SD's scaled_linear betas, steps_offset 1). Every weight is
+    randomised (randomize_torch). Returns the keyword arguments of diffusers' SD pipelines
+    other than unet (safety checker and feature extractor None)."""
+    import diffusers
+    import transformers
+
+    from jaxgen.convert.testing import randomize_torch
+    from jaxgen.tokenizer import train_tokenizer
+
+    tok_dir = os.path.join(os.fspath(folder), "tok")
+    tok = train_tokenizer(SHAPE_CAPTIONS * 2, 600, tok_dir)
+    text = randomize_torch(transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)), seed + 1)
+    vae = randomize_torch(diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=4, sample_size=size), seed)
+    sched = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                    clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return dict(vae=vae, text_encoder=text, tokenizer=transformers.CLIPTokenizer.from_pretrained(tok_dir),
+                scheduler=sched, safety_checker=None, feature_extractor=None, requires_safety_checker=False)

@@ -29,7 +29,7 @@ import jaxgen  # noqa: E402
 from jaxgen.convert.testing import randomize_torch as randomize  # noqa: E402
 from jaxgen.errors import ConfigError, DataError  # noqa: E402
 from jaxgen.tokenizer import train_tokenizer  # noqa: E402
-from helpers import nchw  # noqa: E402
+from helpers import check_images, max_err, nchw, unit_noise  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-3                 # max |ours - diffusers| over image pixels in [0, 1]
@@ -51,19 +51,6 @@ def tiny_unet(in_channels: int, seed: int):
         norm_num_groups=4, mid_block_type=None), seed)
 
 
-def max_err(ours, ref) -> float:
-    return float(np.max(np.abs(np.asarray(ours, np.float64) - np.asarray(ref, np.float64))))
-
-
-def check_images(ours, ref, what):
-    assert ours.shape == ref.shape and ours.dtype == np.float32, (ours.shape, ref.shape, ours.dtype)
-    inside = float(np.mean((ref > 0) & (ref < 1)))
-    assert inside > 0.5, f"{what}: reference images mostly clipped ({inside:.2f} inside (0, 1))"
-    err = max_err(ours, ref)
-    print(f"{what}: max |ours - diffusers| = {err:.2e}")
-    assert err <= TOL, f"{what}: max abs error {err:.2e} > {TOL}"
-
-
 class RandnFeed:
     """Stands in for diffusers' randn_tensor: hands out the given NCHW arrays in order."""
 
@@ -82,10 +69,6 @@ def feed_randn(monkeypatch, module, *arrays) -> RandnFeed:
     monkeypatch.setattr(module, "randn_tensor", feed)
     monkeypatch.setattr(diffusers.models.autoencoders.vae, "randn_tensor", feed)
     return feed
-
-
-def unit_noise(seed, shape):
-    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
 # ---- fixtures ----------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 from absl import app, flags
 
@@ -21,20 +20,17 @@ flags.mark_flags_as_required(["workdirs", "out"])
 
 
 def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     common.setup_logging()
     import jaxgen
-    from jaxgen.errors import JaxgenError
     from jaxgen.eval.anomaly import compare_runs
 
-    try:
-        runs = {os.path.basename(os.path.normpath(w)): jaxgen.load_run(w) for w in flags.FLAGS.workdirs}
-        table = compare_runs(runs, flags.FLAGS.out)
-    except JaxgenError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    runs = {os.path.basename(os.path.normpath(w)): jaxgen.load_run(w) for w in flags.FLAGS.workdirs}
+    table = compare_runs(runs, flags.FLAGS.out)
     print(json.dumps(table, indent=2))
     print(f"wrote {os.path.join(flags.FLAGS.out, 'anomaly.json')} and PNGs")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

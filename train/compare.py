@@ -11,11 +11,13 @@ import sys
 
 from absl import app, flags
 
+from train import common
+
 flags.DEFINE_integer("seed", 0, "input seed")
-flags.DEFINE_integer("batch", 2, "batch size of the random inputs")
-flags.DEFINE_integer("size", None, "spatial size of image inputs (default: the config's)")
-flags.DEFINE_float("tolerance", 1e-5, "relative error above which a module counts as diverged")
-flags.DEFINE_integer("rows", None, "print at most this many module rows (default: all)")
+flags.DEFINE_integer("batch", 2, "batch size of the random inputs", lower_bound=1)
+flags.DEFINE_integer("size", None, "spatial size of image inputs (default: the config's)", lower_bound=1)
+flags.DEFINE_float("tolerance", 1e-5, "relative error above which a module counts as diverged", lower_bound=0)
+flags.DEFINE_integer("rows", None, "print at most this many module rows (default: all)", lower_bound=0)
 
 
 def main(argv):
@@ -30,4 +32,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -7,15 +7,14 @@ and jaxgen.StableDiffusionPipeline.from_pretrained(FOLDER) both load it.
 """
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags
 
 from train import common
 
 flags.DEFINE_string("workdir", None, "run directory of a text-to-image run")
 flags.DEFINE_string("out", None, "folder to write (must not exist or be empty, unless --overwrite)")
-flags.DEFINE_integer("step", None, "checkpoint step of the last stage (default: latest)")
+flags.DEFINE_integer("step", None, "checkpoint step of the last stage (default: the newest intact one)",
+                     lower_bound=0)
 flags.DEFINE_bool("overwrite", False, "replace an existing non-empty --out folder")
 flags.DEFINE_bool("float16", False, "save the weights as float16 (default float32)")
 flags.mark_flags_as_required(["workdir", "out"])
@@ -28,19 +27,14 @@ def main(argv):
     import numpy as np
 
     import jaxgen
-    from jaxgen.errors import JaxgenError
     from jaxgen.pipelines.export import export_stable_diffusion
 
     F = flags.FLAGS
-    try:
-        run = jaxgen.load_run(F.workdir, step=F.step)
-        folder = export_stable_diffusion(run, F.out, overwrite=F.overwrite,
-                                         dtype=np.float16 if F.float16 else None)
-    except JaxgenError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run = jaxgen.load_run(F.workdir, step=F.step)
+    folder = export_stable_diffusion(run, F.out, overwrite=F.overwrite,
+                                     dtype=np.float16 if F.float16 else None)
     print(f"wrote {folder}: diffusers.StableDiffusionPipeline.from_pretrained({folder!r}) loads it")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 from absl import app, flags
 
+from train import common
+
 flags.DEFINE_string("out", None, "folder to write")
-flags.DEFINE_integer("train", 1620, "pairs in the train split")
-flags.DEFINE_integer("test", 324, "pairs in the test split")
+flags.DEFINE_integer("train", 1620, "pairs in the train split", lower_bound=1)
+flags.DEFINE_integer("test", 324, "pairs in the test split", lower_bound=1)
 flags.DEFINE_integer("seed", 0, "shapes jitter seed")
 flags.mark_flags_as_required(["out"])
 
 
 def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from jaxgen.data.paired_example import write_paired_shapes
 
     F = flags.FLAGS
@@ -24,4 +28,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

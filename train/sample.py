@@ -14,7 +14,6 @@ diffusers class name built from the folder's scheduler config) and --seed.
 from __future__ import annotations
 
 import os
-import sys
 
 import numpy as np
 from absl import app, flags
@@ -22,56 +21,70 @@ from absl import app, flags
 from train import common
 
 flags.DEFINE_string("workdir", None, "run directory")
-flags.DEFINE_integer("num", 16, "number of images")
+flags.DEFINE_integer("num", 16, "number of images", lower_bound=1)
 flags.DEFINE_string("out", None, "output file: .png (grid) or .npz")
 flags.DEFINE_list("labels", None, "class labels, one per image or one for all")
 flags.DEFINE_multi_string("prompt", None, "text prompt(s), one per image or one for all")
 flags.DEFINE_integer("per_prompt", 0, "images per --prompt (then --num is ignored); with a .png --out, "
-                     "one labelled row per prompt")
-flags.DEFINE_integer("steps", None, "sampling steps (default: the config's)")
+                     "one labelled row per prompt", lower_bound=0)
+flags.DEFINE_integer("steps", None, "sampling steps (default: the config's)", lower_bound=1)
 flags.DEFINE_float("guidance", None, "classifier-free guidance scale (default: the config's)")
 flags.DEFINE_string("scheduler", None, "scheduler class name, e.g. DDIMScheduler (default: the config's)")
 flags.DEFINE_integer("seed", 0, "sampling seed")
-flags.DEFINE_integer("step", None, "checkpoint step (default: latest)")
+flags.DEFINE_integer("step", None, "checkpoint step (default: the newest intact one)", lower_bound=0)
 flags.mark_flags_as_required(["workdir", "out"])
 
 
 def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    F = flags.FLAGS
+    if not F.out.endswith((".png", ".npz")):
+        raise app.UsageError(f"--out={F.out}: the file must end in .png (a grid) or .npz (arrays)")
+    if F.per_prompt:
+        if not F.prompt:
+            raise app.UsageError("--per_prompt K takes K >= 1 images for each --prompt; pass --prompt")
+        F.num = F.per_prompt * len(F.prompt)
+    labels = _labels(F)                      # checked before anything loads
     common.setup_logging()
     common.init_distributed()
     import jaxgen
     from jaxgen.errors import JaxgenError
 
-    F = flags.FLAGS
-    if not F.out.endswith((".png", ".npz")):
-        raise app.UsageError("--out must end in .png or .npz")
-    if F.per_prompt:
-        if F.per_prompt < 0 or not F.prompt:
-            raise app.UsageError("--per_prompt K takes K >= 1 images for each --prompt; pass --prompt")
-        F.num = F.per_prompt * len(F.prompt)
-    try:
-        if os.path.isfile(os.path.join(F.workdir, "model_index.json")):
-            images, prompts = _pipeline_sample(F)
-            _save(F, images, None, prompts)
-            return
-        run = jaxgen.load_run(F.workdir, step=F.step)
-        labels = None
-        if F.labels:
-            labels = np.asarray([int(v) for v in F.labels], np.int32)
-            labels = np.resize(labels, F.num) if len(labels) == 1 else labels
-        prompts = _prompts(F) if F.prompt else None
-        if "sample" in run.abilities:
-            images = run.sample(F.num, seed=F.seed, labels=labels, prompts=prompts, num_steps=F.steps,
-                                guidance_scale=F.guidance, scheduler=F.scheduler)
-        elif "decode_random_codes" in run.abilities:
-            images = run.decode_random_codes(F.num, seed=F.seed)
-        else:
-            raise JaxgenError(f"a {run.task.name!r} run does not generate images; it offers "
-                              f"{', '.join(run.abilities) or 'no methods'}.")
-    except JaxgenError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    if os.path.isfile(os.path.join(F.workdir, "model_index.json")):
+        images, prompts = _pipeline_sample(F)
+        _save(F, images, None, prompts)
+        return
+    run = jaxgen.load_run(F.workdir, step=F.step)
+    prompts = _prompts(F) if F.prompt else None
+    if "sample" in run.abilities:
+        images = run.sample(F.num, seed=F.seed, labels=labels, prompts=prompts, num_steps=F.steps,
+                            guidance_scale=F.guidance, scheduler=F.scheduler)
+    elif "decode_random_codes" in run.abilities:
+        unused = [f"--{name}" for name in ("labels", "prompt", "steps", "guidance", "scheduler")
+                  if F[name].value is not None]
+        if unused:
+            raise app.UsageError(f"a {run.task.name!r} run decodes random codes: {', '.join(unused)} "
+                                 "do not apply to it (only --num, --seed, --step and --out do); drop them.")
+        images = run.decode_random_codes(F.num, seed=F.seed)
+    else:
+        raise JaxgenError(f"a {run.task.name!r} run does not generate images; it offers "
+                          f"{', '.join(run.abilities) or 'no methods'}.")
     _save(F, images, labels, prompts)
+
+
+def _labels(F) -> np.ndarray | None:
+    """--labels as int32 [num] (one label repeats), or None; a UsageError for non-integers."""
+    if not F.labels:
+        return None
+    try:
+        labels = np.asarray([int(v) for v in F.labels], np.int32)
+    except ValueError:
+        raise app.UsageError(f"--labels={','.join(F.labels)}: give integer class ids, e.g. --labels=3 "
+                             "or --labels=0,1,2") from None
+    if len(labels) not in (1, F.num):
+        raise app.UsageError(f"{len(labels)} --labels for --num={F.num}: give one label, or one per image")
+    return np.resize(labels, F.num) if len(labels) == 1 else labels
 
 
 def _pipeline_sample(F):
@@ -90,7 +103,9 @@ def _pipeline_sample(F):
     images = pipe(prompts, num_inference_steps=50 if F.steps is None else F.steps,
                   guidance_scale=7.5 if F.guidance is None else F.guidance, seed=F.seed,
                   scheduler=F.scheduler)                               # float [N, H, W, 3] in [0, 1]
-    return np.round(images * 255).astype(np.uint8), prompts
+    from jaxgen.data.pipeline import unit_to_uint8
+
+    return unit_to_uint8(images, what=f"the pipeline in {F.workdir}"), prompts
 
 
 def _prompts(F) -> list[str]:
@@ -116,4 +131,4 @@ def _save(F, images, labels, prompts):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -2,13 +2,17 @@
 
 Reading is tolerant the way diffusers' ``from_config`` is: keys starting with ``_`` are metadata,
 fields that belong to another class or a newer library version are ignored with a warning, and
-only a known field set to a value jaxgen does not implement is an error that names it.
+only a known field set to a value jaxgen does not implement (or of another type than the field's
+annotation, ``check_types``) is an error that names it.
 """
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import json
 import os
+import types
+import typing
 import warnings
 from typing import Any, Callable, Mapping
 
@@ -26,6 +30,9 @@ def read_json(path: str | os.PathLike) -> dict:
             value = json.load(f)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path} is not valid JSON ({e}); the file is corrupt or truncated: "
+                          "re-export it.") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text ({e}); the file is corrupt or not a JSON config: "
                           "re-export it.") from e
     if not isinstance(value, dict):
         raise ConfigError(f"{path} must hold a JSON object, found {type(value).__name__}.")
@@ -50,6 +57,57 @@ def is_int(value: Any) -> bool:
 def all_in(allowed: tuple) -> Callable[[Any], bool]:
     """A predicate: the value is a non-empty tuple or list whose every item is in ``allowed``."""
     return lambda value: isinstance(value, (tuple, list)) and len(value) > 0 and all(v in allowed for v in value)
+
+
+def field_types(cls) -> dict[str, Any]:
+    """Dataclass field -> its resolved annotation (typing.get_type_hints), cached per class."""
+    if cls not in _FIELD_TYPES:
+        _FIELD_TYPES[cls] = typing.get_type_hints(cls)
+    return _FIELD_TYPES[cls]
+
+
+_FIELD_TYPES: dict[type, dict[str, Any]] = {}
+
+
+def matches_type(value: Any, hint: Any) -> bool:
+    """Whether a config value fits a field annotation: int (not bool), float (int accepted),
+    bool, str, None, unions, tuple[X, ...] / Sequence[X] (a tuple or list), Mapping; any other
+    annotation (Any, dtypes, ...) is not checked."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(matches_type(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return is_int(value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (tuple, list, collections.abc.Sequence):
+        if not isinstance(value, (tuple, list)):
+            return False
+        args = typing.get_args(hint)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(map(matches_type, value, args))
+        return all(matches_type(v, args[0]) for v in value) if args else True
+    if origin in (dict, collections.abc.Mapping) or hint is dict:
+        return isinstance(value, collections.abc.Mapping)
+    return True
+
+
+def check_types(values: Mapping[str, Any], cls, *, owner: str) -> None:
+    """A ConfigError naming the first field of ``values`` whose value does not fit the annotation
+    of ``cls``'s field (``matches_type``); None is accepted where the default is None."""
+    hints, defaults = field_types(cls), module_fields(cls)
+    for key, value in values.items():
+        if key not in hints or (value is None and defaults.get(key) is None):
+            continue
+        if not matches_type(value, hints[key]):
+            want = str(hints[key]).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            raise ConfigError(f"{owner}: {key}={value!r} has the wrong type; it takes {want}.")
 
 
 def module_fields(cls) -> dict[str, Any]:

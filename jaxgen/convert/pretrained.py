@@ -13,15 +13,18 @@ from typing import Any, ClassVar, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.errors import FlaxError
 
 from jaxgen.convert import tables
-from jaxgen.convert.config import filter_config, module_fields, read_json, write_json
+from jaxgen.convert.config import check_types, filter_config, module_fields, read_json, write_json
 from jaxgen.convert.safetensors_io import read_weights, write_weights
-from jaxgen.errors import ConfigError
+from jaxgen.errors import ConfigError, JaxgenError, WeightError
 
 # Fields that say how jaxgen runs a model, not what the model is: never read from or written to
 # config.json (transformers writes "dtype" there to describe the stored weights).
 RUNTIME_FIELDS = ("attention_impl", "dtype", "param_dtype")
+# What building a module from impossible config values raises (inside Flax, JAX or NumPy).
+BUILD_ERRORS = (TypeError, ValueError, ArithmeticError, IndexError, KeyError, AssertionError, FlaxError)
 DIFFUSERS_VERSION = "0.36.0"      # written into configs we save; diffusers reads any version
 TRANSFORMERS_VERSION = "4.57.0"
 
@@ -29,6 +32,7 @@ TRANSFORMERS_VERSION = "4.57.0"
 CLASSES: dict[str, str] = {
     "UNet2DModel": "jaxgen.nn.unet:UNet2DModel",
     "UNet2DConditionModel": "jaxgen.nn.unet:UNet2DConditionModel",
+    "ControlNetModel": "jaxgen.nn.controlnet:ControlNetModel",
     "AutoencoderKL": "jaxgen.nn.vae:AutoencoderKL",
     "VQModel": "jaxgen.nn.vq:VQModel",
     "CLIPTextModel": "jaxgen.nn.clip:CLIPTextModel",
@@ -114,9 +118,20 @@ class Pretrained:
         raise TypeError(f"{type(self).__name__} must define dummy_inputs() to be converted")
 
     def abstract_params(self) -> dict:
-        """The ``params`` tree as ShapeDtypeStructs (no compute, no memory)."""
-        args, kwargs = self.dummy_inputs()
-        shapes = jax.eval_shape(lambda: self.init(jax.random.key(0), *args, **kwargs))
+        """The ``params`` tree as ShapeDtypeStructs (no compute, no memory). Config values that do
+        not build a model (a zero or negative size, groups that do not divide the channels) are a
+        ConfigError quoting what failed."""
+        def init():  # the dummy inputs are made inside the trace: abstract too, whatever the sizes
+            args, kwargs = self.dummy_inputs()
+            return self.init(jax.random.key(0), *args, **kwargs)
+
+        try:
+            shapes = jax.eval_shape(init)
+        except JaxgenError:
+            raise
+        except BUILD_ERRORS as e:
+            raise ConfigError(f"{type(self).__name__} cannot be built from these config values "
+                              f"({type(e).__name__}: {str(e).splitlines()[0].rstrip('.') if str(e) else ''}).") from e
         return shapes["params"]
 
     def params_from_state_dict(self, state_dict: Mapping[str, np.ndarray], dtype=np.float32) -> dict:
@@ -140,11 +155,15 @@ def _resolve(name: str):
 def class_name_of(cfg: Mapping[str, Any], where: str) -> str:
     """``_class_name`` (diffusers) or ``architectures[0]`` (transformers) of a config dict."""
     if "_class_name" in cfg:
-        return cfg["_class_name"]
-    arch = cfg.get("architectures")
-    if isinstance(arch, (list, tuple)) and arch:
-        return arch[0]
-    raise ConfigError(f"{where}: config names no class (no '_class_name' and no 'architectures').")
+        name, field = cfg["_class_name"], "_class_name"
+    elif isinstance(cfg.get("architectures"), (list, tuple)) and cfg["architectures"]:
+        name, field = cfg["architectures"][0], "architectures"
+    else:
+        raise ConfigError(f"{where}: config names no class (no '_class_name' and no 'architectures').")
+    if not isinstance(name, str):
+        raise ConfigError(f"{where}: {field} must name a class (a string such as 'UNet2DModel'), "
+                          f"found {name!r}.")
+    return name
 
 
 def load_pretrained(folder: str | os.PathLike, *, dtype=jnp.float32, allow_pickle: bool = False):
@@ -160,11 +179,21 @@ def load_pretrained(folder: str | os.PathLike, *, dtype=jnp.float32, allow_pickl
     if not os.path.isdir(folder):
         raise ConfigError(f"{folder}: no such folder. jaxgen loads from local folders; download a "
                           "model first (e.g. huggingface_hub.snapshot_download) and pass its path.")
-    cfg = read_json(os.path.join(folder, "config.json"))
-    cls = _resolve(class_name_of(cfg, os.path.join(folder, "config.json")))
+    cfg_path = os.path.join(folder, "config.json")
+    cfg = read_json(cfg_path)
+    cls = _resolve(class_name_of(cfg, cfg_path))
     module = cls.from_pt_config(cfg)
+    check_types({k: getattr(module, k) for k in cls.config_fields()}, cls, owner=f"{cfg_path}: {cls.__name__}")
     state = read_weights(folder, (cls.pt_weights_name,), allow_pickle=allow_pickle)
-    params = module.params_from_state_dict(state, dtype=None if dtype is None else np.dtype(dtype))
+    try:
+        params = module.params_from_state_dict(state, dtype=None if dtype is None else np.dtype(dtype))
+    except WeightError as e:  # keys, shapes, dtypes or values that do not fit: say which folder
+        raise WeightError(f"{folder}: {e}") from e
+    except ConfigError as e:  # the config's values do not build a model (abstract_params)
+        given = {getattr(cls, "pt_aliases", {}).get(k, k) for k in cfg}
+        defaults = [f"{k}={getattr(module, k)!r}" for k in cls.config_fields() if k not in given]
+        hint = f" Fields config.json does not set took their defaults: {', '.join(defaults[:12])}." if defaults else ""
+        raise ConfigError(f"{cfg_path}: {e}{hint}") from e
     return module, jax.tree_util.tree_map(jnp.asarray, params)
 
 

@@ -34,8 +34,14 @@ def _read_index(index_path: str) -> dict[str, np.ndarray]:
     try:
         with open(index_path, encoding="utf-8") as f:
             weight_map = json.load(f)["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise WeightError(f"{index_path}: not a valid shard index (needs a 'weight_map' object): {e}") from e
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise WeightError(f"{index_path}: 'weight_map' must be a non-empty object of key -> shard file name, "
+                          f"found {type(weight_map).__name__} {str(weight_map)[:80]}.")
+    for key, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise WeightError(f"{index_path}: weight_map[{key!r}] must be a shard file name, found {shard!r}.")
     folder = os.path.dirname(index_path)
     out: dict[str, np.ndarray] = {}
     for shard in sorted(set(weight_map.values())):

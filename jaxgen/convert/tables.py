@@ -10,7 +10,8 @@ jaxgen's modules name their submodules after the PyTorch attributes, so one rule
 
 A class adds its own explicit renames (``renames``: Flax key -> PyTorch key, after the rule) for
 what the rule cannot express. Conversion is strict both ways: every PyTorch key must be used,
-every Flax parameter filled, every shape equal; otherwise a WeightError names the keys.
+every Flax parameter filled, every shape equal, every float parameter stored as floating point
+(any float dtype is cast) and finite; otherwise a WeightError names the keys.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import re
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
@@ -96,19 +98,28 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], abstract_params: Mapping
     dtype:  floating tensors are cast to it (None keeps the stored dtype).
     """
     table = key_table(abstract_params, renames)
-    shapes = {p: tuple(v.shape) for p, v in traverse_util.flatten_dict(dict(abstract_params)).items()}
-    flat, missing, bad_shape = {}, [], []
+    leaves = traverse_util.flatten_dict(dict(abstract_params))
+    flat, missing, bad_shape, bad_dtype, nonfinite = {}, [], [], [], []
     for path, (key, layout) in table.items():
         if key not in state_dict:
             missing.append(key)
             continue
-        value = _to_flax_layout(np.asarray(state_dict[key]), layout)
-        want = shapes[path]
-        if tuple(value.shape) != want:
-            bad_shape.append(f"{key}: file has {tuple(np.asarray(state_dict[key]).shape)}, "
-                             f"{owner} expects {want} (as {'/'.join(path)})")
+        stored = np.asarray(state_dict[key])
+        want = tuple(leaves[path].shape)
+        # a layout transpose needs the rank it was written for: other ranks are mis-shaped too
+        rank_ok = layout == "plain" or stored.ndim == {"linear": 2, "conv": 4}[layout]
+        value = _to_flax_layout(stored, layout) if rank_ok else stored
+        if not rank_ok or tuple(value.shape) != want:
+            bad_shape.append(f"{key}: file has {tuple(stored.shape)}, {owner} expects {want} (as {'/'.join(path)})")
             continue
-        if dtype is not None and (np.issubdtype(value.dtype, np.floating) or value.dtype.name == "bfloat16"):
+        floating = jnp.issubdtype(value.dtype, jnp.floating)
+        if jnp.issubdtype(leaves[path].dtype, jnp.floating) and not floating:
+            bad_dtype.append(f"{key}: file has {value.dtype}, {owner} expects floating point")
+            continue
+        if floating and not np.isfinite(value).all():
+            nonfinite.append(key)
+            continue
+        if dtype is not None and floating:
             value = value.astype(dtype)
         flat[path] = np.ascontiguousarray(value).reshape(value.shape)  # keeps 0-d leaves 0-d
     used = {k for k, _ in table.values()}
@@ -121,9 +132,17 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], abstract_params: Mapping
         problems.append(f"unexpected in the file ({len(unexpected)}): {', '.join(unexpected[:20])}")
     if bad_shape:
         problems.append(f"mis-shaped ({len(bad_shape)}): {'; '.join(bad_shape[:10])}")
+    advice = ["Check that config.json matches the weights (same class and sizes)"] if problems else []
+    if bad_dtype:
+        problems.append(f"not floating point ({len(bad_dtype)}): {'; '.join(bad_dtype[:10])}")
+        advice.append("quantized or mis-exported weights cannot be loaded as they are: export float weights")
+    if nonfinite:
+        problems.append(f"holding NaN/Inf values ({len(nonfinite)}): {', '.join(sorted(nonfinite)[:20])}")
+        advice.append("the file is damaged or was saved from a diverged model: export it again")
     if problems:
+        advice = "; ".join(advice)
         raise WeightError(f"weights do not fit {owner}: " + " | ".join(problems) +
-                          ". Check that config.json matches the weights (same class and sizes).")
+                          f". {advice[0].upper()}{advice[1:]}.")
     return traverse_util.unflatten_dict(flat)
 
 

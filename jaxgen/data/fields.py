@@ -73,6 +73,8 @@ def check_field(name: str, value, spec: Input, where: str = "") -> np.ndarray | 
                 and spec.shape[-1] is not None and x.shape[-3] == spec.shape[-1]:
             hint = " (NCHW? transpose to NHWC)"
         raise DataError(f"{prefix}field {name!r} is {got}; this task takes {want}{hint}.")
+    if len(x) == 0:
+        raise DataError(f"{prefix}field {name!r} has no examples ({got}); pass at least one.")
     if spec.kind == "image":
         if x.dtype != np.uint8:
             raise DataError(f"{prefix}field {name!r} has dtype {x.dtype}; images are uint8 in [0, 255] "

@@ -65,7 +65,32 @@ def images_to_float(images: jax.Array, dtype=np.float32) -> jax.Array:
     return images.astype(dtype) / 127.5 - 1.0
 
 
-def images_to_uint8(images) -> np.ndarray:
-    """float [..., H, W, C] in [-1, 1] (clipped) -> uint8 [0, 255], as host NumPy."""
+def images_to_uint8(images, what: str = "the model") -> np.ndarray:
+    """float [..., H, W, C] in [-1, 1] (clipped) -> uint8 [0, 255], as host NumPy. A NaN/Inf
+    value is a NonFiniteError (it would otherwise become a black pixel); ``what`` names the
+    producer in the message."""
     x = np.asarray(jax.device_get(images), dtype=np.float32)
+    check_finite_images(x, what)
     return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def unit_to_uint8(images, what: str = "the pipeline") -> np.ndarray:
+    """float [..., H, W, C] in [0, 1] (clipped; a pipeline's output) -> uint8 [0, 255]; NaN/Inf
+    is a NonFiniteError as in images_to_uint8."""
+    x = np.asarray(jax.device_get(images), dtype=np.float32)
+    check_finite_images(x, what)
+    return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
+
+
+def check_finite_images(x: np.ndarray, what: str) -> None:
+    """NonFiniteError naming ``what`` and how many of the images hold NaN/Inf values."""
+    bad = ~np.isfinite(x)
+    if bad.any():
+        from jaxgen.errors import NonFiniteError
+
+        per_image = bad.reshape(bad.shape[0], -1).any(axis=1) if bad.ndim >= 2 else bad
+        raise NonFiniteError(
+            f"{what} produced NaN/Inf values in {int(per_image.sum())} of {len(per_image)} image(s) "
+            f"({int(bad.sum())} values); they would become black pixels. The parameters or the inputs "
+            "are not finite: check the checkpoint (a run trained with nan_policy='stop' has finite "
+            "ones) and that input images are uint8 or finite floats.")

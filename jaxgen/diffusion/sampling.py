@@ -10,6 +10,7 @@ options closed over or marked static) to compile the 50 steps into one program. 
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping
 
 import jax
@@ -44,6 +45,10 @@ def guided_output(model_fn: ModelFn, x_in: jax.Array, t: jax.Array, cond: Any, u
     return out_u + guidance_scale * (out_c - out_u)
 
 
+def _with_index(model_fn, i, x_in, t, cond):
+    return model_fn(x_in, t, cond, i)
+
+
 def step_noise(key: jax.Array, i: jax.Array, like: jax.Array) -> jax.Array:
     """The variance noise of step i: standard normal, float32, shaped like the sample; drawn from
     fold_in(key, i), so it does not depend on where the loop starts."""
@@ -54,7 +59,7 @@ def sample_loop(scheduler: Scheduler, state, model_fn: ModelFn, x_init: jax.Arra
                 key: jax.Array | None = None, cond: Any = None, uncond: Any = None,
                 guidance_scale: float | jax.Array = 1.0, start_index: int = 0,
                 scale_init: bool = True, return_trajectory: bool = False,
-                step_kwargs: Mapping[str, Any] | None = None):
+                step_kwargs: Mapping[str, Any] | None = None, pass_index: bool = False):
     """Run the reverse process over state.timesteps[start_index:] under ``lax.scan``.
 
     scheduler, state: from ``scheduler.set_timesteps(n)`` (any jaxgen scheduler).
@@ -69,6 +74,8 @@ def sample_loop(scheduler: Scheduler, state, model_fn: ModelFn, x_init: jax.Arra
     cond, uncond, guidance_scale: classifier-free guidance, see ``guided_output``.
     start_index: Python int; skip the first entries of the ladder (image-to-image strength).
     step_kwargs: extra keyword arguments of ``scheduler.step`` (DDIM's eta, Euler's s_churn, ...).
+    pass_index: model_fn takes a fourth argument, the ladder index i (int32 [], traced), e.g. to
+        switch a ControlNet on and off by step.
     Returns x_0 [B, ...] in x_init's dtype, or (x_0, trajectory) with trajectory
     [N - start_index, B, ...]: the sample after every step (for denoising strips).
     """
@@ -86,7 +93,8 @@ def sample_loop(scheduler: Scheduler, state, model_fn: ModelFn, x_init: jax.Arra
     def body(carry, i):
         x, state = carry
         x_in = scheduler.scale_model_input(state, x, i)
-        out = guided_output(model_fn, x_in, state.timesteps[i], cond, uncond, guidance_scale)
+        fn = functools.partial(_with_index, model_fn, i) if pass_index else model_fn
+        out = guided_output(fn, x_in, state.timesteps[i], cond, uncond, guidance_scale)
         noise = step_noise(key, i, x) if needs_noise else None
         x, state = scheduler.step(state, out, i, x, noise=noise, **step_kwargs)
         return (x, state), (x if return_trajectory else None)

@@ -13,6 +13,11 @@ block) but the NUMBER OF HEADS in UNet2DConditionModel (diffusers' historical na
 
 Images are NHWC: ``sample`` [B, H, W, C] float; the output has the sample's shape (out_channels)
 and dtype.
+
+``CrossAttnEncoder`` is UNet2DConditionModel's encoder half (embeddings, conv_in, down blocks, mid
+block) as methods; ``jaxgen.nn.controlnet.ControlNetModel`` mixes in the same code, so a ControlNet
+and its U-Net name their encoder parameters alike. UNet2DConditionModel takes a ControlNet's
+outputs as ``down_block_additional_residuals`` / ``mid_block_additional_residual`` (diffusers' names).
 """
 from __future__ import annotations
 
@@ -465,13 +470,191 @@ class UNet2DModel(nn.Module, _DiffusersUNet):
 
 
 # ------------------------------------------------------------------------------------------------
+# the conditional encoder (shared by UNet2DConditionModel and ControlNetModel)
+# ------------------------------------------------------------------------------------------------
+class CrossAttnEncoder:
+    """The encoder half of UNet2DConditionModel, as methods called from a Linen module's compact
+    ``__call__``: the time embedding (+ class and added embeddings), conv_in, the down blocks and
+    the mid block.
+
+    UNet2DConditionModel and ``jaxgen.nn.controlnet.ControlNetModel`` mix it in: diffusers builds a
+    ControlNet's encoder from the same config fields and blocks as the U-Net's, and
+    ``ControlNetModel.from_unet`` copies these weights, so both hosts name the submodules alike
+    (time_embedding, class_embedding, add_embedding, conv_in, down_blocks_i, mid_block).
+
+    The host has diffusers' fields of these names: in_channels, block_out_channels,
+    down_block_types, mid_block_type, layers_per_block, attention_head_dim, num_attention_heads,
+    transformer_layers_per_block, only_cross_attention, cross_attention_dim, use_linear_projection,
+    upcast_attention, downsample_padding, mid_block_scale_factor, act_fn, norm_num_groups, norm_eps,
+    resnet_time_scale_shift, dropout, flip_sin_to_cos, freq_shift, time_embedding_type,
+    time_embedding_dim, timestep_post_act, time_cond_proj_dim, time_embedding_act_fn,
+    class_embed_type, num_class_embeds, class_embeddings_concat,
+    projection_class_embeddings_input_dim, addition_embed_type, addition_time_embed_dim,
+    conv_in_kernel, attention_impl, dtype, param_dtype (ControlNetModel fixes the ones diffusers'
+    ControlNet lacks as class constants).
+    """
+
+    def _cross_attention_width(self) -> int:
+        c = self.cross_attention_dim
+        return c if is_int(c) else c[0]
+
+    def _time_embed_dim(self) -> int:
+        if self.time_embedding_type == "fourier":
+            dim = self.time_embedding_dim or self.block_out_channels[0] * 2
+            if dim % 2:
+                raise ConfigError(f"{type(self).__name__}: time_embedding_dim must be even with fourier embeddings.")
+            return dim
+        return self.time_embedding_dim or self.block_out_channels[0] * 4
+
+    def _class_timestep_act(self) -> str:
+        """The activation of class_embed_type="timestep"'s TimestepEmbedding (act_fn in the U-Net)."""
+        return self.act_fn
+
+    def _per_block_settings(self) -> dict[str, tuple]:
+        """heads, layers, tlayers (transformer layers), only_cross: one entry per down block."""
+        name, n = type(self).__name__, len(self.block_out_channels)
+        return dict(
+            heads=_per_block(self.num_attention_heads or self.attention_head_dim, n, "attention_head_dim", name),
+            layers=_per_block(self.layers_per_block, n, "layers_per_block", name),
+            tlayers=_per_block(self.transformer_layers_per_block, n, "transformer_layers_per_block", name),
+            only_cross=_per_block(self.only_cross_attention, n, "only_cross_attention", name))
+
+    def _block_kwargs(self) -> tuple[dict, dict]:
+        """(fields of every block, fields of the cross-attention blocks)."""
+        common = dict(resnet_eps=self.norm_eps, resnet_act_fn=self.act_fn, resnet_groups=self.norm_num_groups,
+                      resnet_time_scale_shift=self.resnet_time_scale_shift, dropout=self.dropout,
+                      attention_impl=self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype)
+        cross = dict(cross_attention_dim=self._cross_attention_width(),
+                     use_linear_projection=self.use_linear_projection, upcast_attention=self.upcast_attention)
+        return common, cross
+
+    def _dummy_conditions(self) -> dict[str, Any]:
+        """The keyword inputs (class_labels, added_cond_kwargs, timestep_cond) of a batch-1 dummy call."""
+        kwargs: dict[str, Any] = {}
+        if self.class_embed_type == "identity":
+            kwargs["class_labels"] = jnp.zeros((1, self._time_embed_dim()), jnp.float32)
+        elif self.class_embed_type in ("projection", "simple_projection"):
+            kwargs["class_labels"] = jnp.zeros((1, self.projection_class_embeddings_input_dim), jnp.float32)
+        elif self.class_embed_type == "timestep" or self.num_class_embeds is not None:
+            kwargs["class_labels"] = jnp.zeros((1,), jnp.int32)
+        if self.addition_embed_type == "text_time":
+            text = self.projection_class_embeddings_input_dim - self.addition_time_embed_dim
+            kwargs["added_cond_kwargs"] = {"text_embeds": jnp.zeros((1, text), jnp.float32),
+                                           "time_ids": jnp.zeros((1, 1), jnp.float32)}
+        if self.time_cond_proj_dim is not None:
+            kwargs["timestep_cond"] = jnp.zeros((1, self.time_cond_proj_dim), jnp.float32)
+        return kwargs
+
+    def _embedding(self, timestep, batch: int, class_labels=None, timestep_cond=None,
+                   added_cond_kwargs: Mapping[str, jax.Array] | None = None) -> jax.Array:
+        """The time embedding [B, T] (+ class embedding, + added text_time embedding, then
+        time_embedding_act_fn). timestep: scalar, [1] or [B]."""
+        name = type(self).__name__
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        c0 = self.block_out_channels[0]
+        timesteps = _batch_timesteps(timestep, batch)
+        time_embed_dim = self._time_embed_dim()
+        time_proj = _time_projection(self, self.time_embedding_type, self.flip_sin_to_cos, self.freq_shift, c0,
+                                     time_embed_dim // 2, 1.0, False, self.flip_sin_to_cos, None)
+        t_emb = time_proj(timesteps).astype(self.dtype)
+        emb = TimestepEmbedding(time_embed_dim, act_fn=self.act_fn, post_act_fn=self.timestep_post_act,
+                                cond_proj_dim=self.time_cond_proj_dim, name="time_embedding", **kw)(
+            t_emb, timestep_cond)
+
+        if self.class_embed_type is not None or self.num_class_embeds is not None:
+            if class_labels is None:
+                raise DataError(f"{name}: this model is class-conditional; pass class_labels.")
+            labels = jnp.asarray(class_labels)
+            if self.class_embed_type is None:
+                class_emb = nn.Embed(self.num_class_embeds, time_embed_dim, name="class_embedding", **kw)(
+                    labels.astype(jnp.int32))
+            elif self.class_embed_type == "timestep":
+                class_emb = TimestepEmbedding(time_embed_dim, act_fn=self._class_timestep_act(),
+                                              name="class_embedding", **kw)(
+                    time_proj(labels.reshape(-1)).astype(self.dtype))
+            elif self.class_embed_type == "identity":
+                class_emb = labels.astype(self.dtype)
+            elif self.class_embed_type == "projection":
+                class_emb = TimestepEmbedding(time_embed_dim, name="class_embedding", **kw)(labels.astype(self.dtype))
+            else:  # simple_projection
+                class_emb = nn.Dense(time_embed_dim, name="class_embedding", **kw)(labels.astype(self.dtype))
+            class_emb = class_emb.astype(self.dtype)
+            emb = jnp.concatenate([emb, class_emb], -1) if self.class_embeddings_concat else emb + class_emb
+
+        if self.addition_embed_type == "text_time":
+            if not added_cond_kwargs or "text_embeds" not in added_cond_kwargs or "time_ids" not in added_cond_kwargs:
+                raise DataError(f"{name}: addition_embed_type='text_time' needs added_cond_kwargs="
+                                "{'text_embeds': [B, D], 'time_ids': [B, N]}.")
+            text_embeds = jnp.asarray(added_cond_kwargs["text_embeds"])
+            time_ids = jnp.asarray(added_cond_kwargs["time_ids"])
+            time_embeds = get_timestep_embedding(time_ids.reshape(-1), self.addition_time_embed_dim,
+                                                 flip_sin_to_cos=self.flip_sin_to_cos,
+                                                 downscale_freq_shift=self.freq_shift)
+            time_embeds = time_embeds.reshape(text_embeds.shape[0], -1)  # [B, N * addition_time_embed_dim]
+            add_embeds = jnp.concatenate([text_embeds.astype(jnp.float32), time_embeds], -1).astype(self.dtype)
+            emb = emb + TimestepEmbedding(time_embed_dim, name="add_embedding", **kw)(add_embeds)
+        if self.time_embedding_act_fn is not None:
+            emb = activation(self.time_embedding_act_fn, DIFFUSERS_ACTIVATION_NAMES,
+                             field="time_embedding_act_fn")(emb)
+        return emb
+
+    def _conv_in(self, x: jax.Array) -> jax.Array:
+        """[B, H, W, in_channels] -> [B, H, W, block_out_channels[0]]."""
+        pad = (self.conv_in_kernel - 1) // 2
+        return conv2d(self.block_out_channels[0], self.conv_in_kernel, padding=pad, name="conv_in",
+                      dtype=self.dtype, param_dtype=self.param_dtype)(x)
+
+    def _down(self, x, emb, ctx, encoder_attention_mask, deterministic: bool) -> tuple[jax.Array, list]:
+        """The down blocks. x: conv_in's output [B, H, W, C0]; ctx: [B, L, cross_attention_dim].
+        Returns (x at the lowest resolution, skips): skips[0] is x itself, then every resnet's and
+        downsampler's output, in order (what the up path consumes and a ControlNet adds to)."""
+        boc, n = self.block_out_channels, len(self.block_out_channels)
+        per = self._per_block_settings()
+        common, cross = self._block_kwargs()
+        skips = [x]
+        for i, kind in enumerate(self.down_block_types):
+            last = i == n - 1
+            if kind == "CrossAttnDownBlock2D":
+                x, res = CrossAttnDownBlock2D(
+                    boc[i], num_layers=per["layers"][i], add_downsample=not last,
+                    downsample_padding=self.downsample_padding, num_attention_heads=per["heads"][i],
+                    transformer_layers_per_block=per["tlayers"][i], only_cross_attention=per["only_cross"][i],
+                    name=f"down_blocks_{i}", **cross, **common,
+                )(x, emb, ctx, encoder_attention_mask, deterministic)
+            else:
+                x, res = DownBlock2D(boc[i], num_layers=per["layers"][i], add_downsample=not last,
+                                     downsample_padding=self.downsample_padding, name=f"down_blocks_{i}",
+                                     **common)(x, emb, deterministic)
+            skips.extend(res)
+        return x, skips
+
+    def _mid(self, x, emb, ctx, encoder_attention_mask, deterministic: bool) -> jax.Array:
+        """The mid block (mid_block_type; None: x unchanged). x: [B, h, w, C_last] -> same shape."""
+        common, cross = self._block_kwargs()
+        per = self._per_block_settings()
+        if self.mid_block_type == "UNetMidBlock2DCrossAttn":
+            return UNetMidBlock2DCrossAttn(self.block_out_channels[-1], output_scale_factor=self.mid_block_scale_factor,
+                                           num_attention_heads=per["heads"][-1],
+                                           transformer_layers_per_block=per["tlayers"][-1], name="mid_block",
+                                           **cross, **common)(x, emb, ctx, encoder_attention_mask, deterministic)
+        if self.mid_block_type == "UNetMidBlock2D":
+            return UNetMidBlock2D(num_layers=0, add_attention=False, resnet_eps=self.norm_eps,
+                                  resnet_act_fn=self.act_fn, resnet_groups=self.norm_num_groups,
+                                  output_scale_factor=self.mid_block_scale_factor,
+                                  resnet_time_scale_shift=self.resnet_time_scale_shift, dropout=self.dropout,
+                                  name="mid_block", dtype=self.dtype, param_dtype=self.param_dtype)(
+                x, emb, deterministic)
+        return x
+
+
+# ------------------------------------------------------------------------------------------------
 # UNet2DConditionModel
 # ------------------------------------------------------------------------------------------------
 _COND_DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
 _COND_UP = ("CrossAttnUpBlock2D", "UpBlock2D")
 
 
-class UNet2DConditionModel(nn.Module, _DiffusersUNet):
+class UNet2DConditionModel(nn.Module, CrossAttnEncoder, _DiffusersUNet):
     """diffusers' ``UNet2DConditionModel`` (Stable Diffusion 1.x / 2.x family; SDXL-style text_time).
 
     apply({"params": p}, sample, timestep, encoder_hidden_states, class_labels=None, timestep_cond=None,
@@ -482,7 +665,8 @@ class UNet2DConditionModel(nn.Module, _DiffusersUNet):
       class_labels as in UNet2DModel, or [B, projection_class_embeddings_input_dim] for "projection";
       timestep_cond: [B, time_cond_proj_dim]; added_cond_kwargs (addition_embed_type="text_time"):
       {"text_embeds": [B, D_text], "time_ids": [B, N]}; deterministic=False applies dropout with the
-      "dropout" rng.
+      "dropout" rng; keyword-only down_block_additional_residuals (one array per down-path skip)
+      and mid_block_additional_residual: a ControlNet's residuals, added as diffusers adds them.
     attention_head_dim is the NUMBER OF HEADS per block (int or one per block), as in diffusers;
     num_attention_heads, if set, takes precedence (saved as attention_head_dim, which diffusers reads).
     """
@@ -582,160 +766,69 @@ class UNet2DConditionModel(nn.Module, _DiffusersUNet):
             raise ConfigError(f"{name}: addition_embed_type='text_time' needs addition_time_embed_dim and "
                               "projection_class_embeddings_input_dim.")
 
-    def _cross_attention_width(self) -> int:
-        c = self.cross_attention_dim
-        return c if is_int(c) else c[0]
-
     def dummy_inputs(self):
         n = len(self.block_out_channels)
         s = 2 ** (n - 1)
         sample = jnp.zeros((1, s, s, self.in_channels), jnp.float32)
         ctx = jnp.zeros((1, 1, self.encoder_hid_dim if self.encoder_hid_dim_type == "text_proj"
                          else self._cross_attention_width()), jnp.float32)
-        time_embed_dim = self.time_embedding_dim or (2 if self.time_embedding_type == "fourier" else 4) * \
-            self.block_out_channels[0]
-        kwargs: dict[str, Any] = {}
-        if self.class_embed_type == "identity":
-            kwargs["class_labels"] = jnp.zeros((1, time_embed_dim), jnp.float32)
-        elif self.class_embed_type in ("projection", "simple_projection"):
-            kwargs["class_labels"] = jnp.zeros((1, self.projection_class_embeddings_input_dim), jnp.float32)
-        elif self.class_embed_type == "timestep" or self.num_class_embeds is not None:
-            kwargs["class_labels"] = jnp.zeros((1,), jnp.int32)
-        if self.addition_embed_type == "text_time":
-            text = self.projection_class_embeddings_input_dim - self.addition_time_embed_dim
-            kwargs["added_cond_kwargs"] = {"text_embeds": jnp.zeros((1, text), jnp.float32),
-                                           "time_ids": jnp.zeros((1, 1), jnp.float32)}
-        if self.time_cond_proj_dim is not None:
-            kwargs["timestep_cond"] = jnp.zeros((1, self.time_cond_proj_dim), jnp.float32)
-        return (sample, jnp.ones((1,), jnp.float32), ctx), kwargs
+        return (sample, jnp.ones((1,), jnp.float32), ctx), self._dummy_conditions()
 
     # -- forward ----------------------------------------------------------------------------
     @nn.compact
     def __call__(self, sample, timestep, encoder_hidden_states, class_labels=None, timestep_cond=None,
                  added_cond_kwargs: Mapping[str, jax.Array] | None = None, encoder_attention_mask=None,
-                 deterministic: bool = True):
+                 deterministic: bool = True, *, down_block_additional_residuals: Sequence[jax.Array] | None = None,
+                 mid_block_additional_residual: jax.Array | None = None):
+        """down_block_additional_residuals / mid_block_additional_residual (ControlNet, as diffusers):
+        one array per down-path skip (conv_in's output, then every resnet and downsampler output,
+        each broadcastable to that skip's [B, h, w, C]) added to the skips, and one added to the
+        mid block's output; both or neither."""
         self._check_config()
         name = type(self).__name__
         _check_sample(sample, self.in_channels, name)
+        if (down_block_additional_residuals is None) != (mid_block_additional_residual is None):
+            raise DataError(f"{name}: pass both down_block_additional_residuals and mid_block_additional_residual "
+                            "(a ControlNet's two outputs), or neither.")
         out_dtype = sample.dtype
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         boc = self.block_out_channels
         n = len(boc)
-        batch = sample.shape[0]
         x = sample.astype(self.dtype)
         if self.center_input_sample:
             x = 2 * x - 1.0
 
         # per-block settings (diffusers broadcasts single values to every block)
-        heads = _per_block(self.num_attention_heads or self.attention_head_dim, n, "attention_head_dim", name)
-        layers = _per_block(self.layers_per_block, n, "layers_per_block", name)
-        tlayers = _per_block(self.transformer_layers_per_block, n, "transformer_layers_per_block", name)
-        only_cross = _per_block(self.only_cross_attention, n, "only_cross_attention", name)
-        rev_tlayers = (tuple(reversed(tlayers)) if self.reverse_transformer_layers_per_block is None
+        per = self._per_block_settings()
+        rev_tlayers = (tuple(reversed(per["tlayers"])) if self.reverse_transformer_layers_per_block is None
                        else _per_block(self.reverse_transformer_layers_per_block, n,
                                        "reverse_transformer_layers_per_block", name))
-        if any(isinstance(t, tuple) for t in tlayers) and self.reverse_transformer_layers_per_block is None:
+        if any(isinstance(t, tuple) for t in per["tlayers"]) and self.reverse_transformer_layers_per_block is None:
             raise ConfigError(f"{name}: per-layer transformer_layers_per_block needs "
                               "reverse_transformer_layers_per_block (as diffusers requires).")
-        cross_dim = self._cross_attention_width()
 
-        # 1. time embedding [B, T] (+ class, + added conditions)
-        timesteps = _batch_timesteps(timestep, batch)
-        if self.time_embedding_type == "fourier":
-            time_embed_dim = self.time_embedding_dim or boc[0] * 2
-            if time_embed_dim % 2:
-                raise ConfigError(f"{name}: time_embedding_dim must be even with fourier embeddings.")
-        else:
-            time_embed_dim = self.time_embedding_dim or boc[0] * 4
-        time_proj = _time_projection(self, self.time_embedding_type, self.flip_sin_to_cos, self.freq_shift, boc[0],
-                                     time_embed_dim // 2, 1.0, False, self.flip_sin_to_cos, None)
-        t_emb = time_proj(timesteps).astype(self.dtype)
-        emb = TimestepEmbedding(time_embed_dim, act_fn=self.act_fn, post_act_fn=self.timestep_post_act,
-                                cond_proj_dim=self.time_cond_proj_dim, name="time_embedding", **kw)(
-            t_emb, timestep_cond)
-
-        class_emb = None
-        if self.class_embed_type is not None or self.num_class_embeds is not None:
-            if class_labels is None:
-                raise DataError(f"{name}: this model is class-conditional; pass class_labels.")
-            labels = jnp.asarray(class_labels)
-            if self.class_embed_type is None:
-                class_emb = nn.Embed(self.num_class_embeds, time_embed_dim, name="class_embedding", **kw)(
-                    labels.astype(jnp.int32))
-            elif self.class_embed_type == "timestep":
-                class_emb = TimestepEmbedding(time_embed_dim, act_fn=self.act_fn, name="class_embedding", **kw)(
-                    time_proj(labels.reshape(-1)).astype(self.dtype))
-            elif self.class_embed_type == "identity":
-                class_emb = labels.astype(self.dtype)
-            elif self.class_embed_type == "projection":
-                class_emb = TimestepEmbedding(time_embed_dim, name="class_embedding", **kw)(labels.astype(self.dtype))
-            else:  # simple_projection
-                class_emb = nn.Dense(time_embed_dim, name="class_embedding", **kw)(labels.astype(self.dtype))
-            class_emb = class_emb.astype(self.dtype)
-            emb = jnp.concatenate([emb, class_emb], -1) if self.class_embeddings_concat else emb + class_emb
-
-        if self.addition_embed_type == "text_time":
-            if not added_cond_kwargs or "text_embeds" not in added_cond_kwargs or "time_ids" not in added_cond_kwargs:
-                raise DataError(f"{name}: addition_embed_type='text_time' needs added_cond_kwargs="
-                                "{'text_embeds': [B, D], 'time_ids': [B, N]}.")
-            text_embeds = jnp.asarray(added_cond_kwargs["text_embeds"])
-            time_ids = jnp.asarray(added_cond_kwargs["time_ids"])
-            time_embeds = get_timestep_embedding(time_ids.reshape(-1), self.addition_time_embed_dim,
-                                                 flip_sin_to_cos=self.flip_sin_to_cos,
-                                                 downscale_freq_shift=self.freq_shift)
-            time_embeds = time_embeds.reshape(text_embeds.shape[0], -1)  # [B, N * addition_time_embed_dim]
-            add_embeds = jnp.concatenate([text_embeds.astype(jnp.float32), time_embeds], -1).astype(self.dtype)
-            emb = emb + TimestepEmbedding(time_embed_dim, name="add_embedding", **kw)(add_embeds)
-        if self.time_embedding_act_fn is not None:
-            emb = activation(self.time_embedding_act_fn, DIFFUSERS_ACTIVATION_NAMES,
-                             field="time_embedding_act_fn")(emb)
-
+        # 1. time embedding [B, T] (+ class, + added conditions); the text context
+        emb = self._embedding(timestep, sample.shape[0], class_labels, timestep_cond, added_cond_kwargs)
         ctx = jnp.asarray(encoder_hidden_states).astype(self.dtype)
         if self.encoder_hid_dim_type == "text_proj":
-            ctx = nn.Dense(cross_dim, name="encoder_hid_proj", **kw)(ctx)
+            ctx = nn.Dense(self._cross_attention_width(), name="encoder_hid_proj", **kw)(ctx)
         if ctx.ndim != 3:
             raise DataError(f"{name}: encoder_hidden_states must be [B, L, D], got shape {tuple(ctx.shape)}.")
 
-        # 2. down
-        pad = (self.conv_in_kernel - 1) // 2
-        x = conv2d(boc[0], self.conv_in_kernel, padding=pad, name="conv_in", **kw)(x)
-        skips = [x]
-        common = dict(resnet_eps=self.norm_eps, resnet_act_fn=self.act_fn, resnet_groups=self.norm_num_groups,
-                      resnet_time_scale_shift=self.resnet_time_scale_shift, dropout=self.dropout,
-                      attention_impl=self.attention_impl, **kw)
-        cross = dict(cross_attention_dim=cross_dim, use_linear_projection=self.use_linear_projection,
-                     upcast_attention=self.upcast_attention)
-        for i, kind in enumerate(self.down_block_types):
-            last = i == n - 1
-            if kind == "CrossAttnDownBlock2D":
-                x, res = CrossAttnDownBlock2D(
-                    boc[i], num_layers=layers[i], add_downsample=not last, downsample_padding=self.downsample_padding,
-                    num_attention_heads=heads[i], transformer_layers_per_block=tlayers[i],
-                    only_cross_attention=only_cross[i], name=f"down_blocks_{i}", **cross, **common,
-                )(x, emb, ctx, encoder_attention_mask, deterministic)
-            else:
-                x, res = DownBlock2D(boc[i], num_layers=layers[i], add_downsample=not last,
-                                     downsample_padding=self.downsample_padding, name=f"down_blocks_{i}",
-                                     **common)(x, emb, deterministic)
-            skips.extend(res)
-
-        # 3. mid
-        if self.mid_block_type == "UNetMidBlock2DCrossAttn":
-            x = UNetMidBlock2DCrossAttn(boc[-1], output_scale_factor=self.mid_block_scale_factor,
-                                        num_attention_heads=heads[-1], transformer_layers_per_block=tlayers[-1],
-                                        name="mid_block", **cross, **common)(
-                x, emb, ctx, encoder_attention_mask, deterministic)
-        elif self.mid_block_type == "UNetMidBlock2D":
-            x = UNetMidBlock2D(num_layers=0, add_attention=False, resnet_eps=self.norm_eps, resnet_act_fn=self.act_fn,
-                               resnet_groups=self.norm_num_groups, output_scale_factor=self.mid_block_scale_factor,
-                               resnet_time_scale_shift=self.resnet_time_scale_shift, dropout=self.dropout,
-                               name="mid_block", **kw)(x, emb, deterministic)
+        # 2. down (+ a ControlNet's residuals), 3. mid
+        x, skips = self._down(self._conv_in(x), emb, ctx, encoder_attention_mask, deterministic)
+        if down_block_additional_residuals is not None:
+            skips = _add_residuals(skips, down_block_additional_residuals, name)
+        x = self._mid(x, emb, ctx, encoder_attention_mask, deterministic)
+        if mid_block_additional_residual is not None:
+            x = x + jnp.asarray(mid_block_additional_residual).astype(x.dtype)
 
         # 4. up (to the skip's size when H or W is not a multiple of 2**(number of upsamplers))
+        common, cross = self._block_kwargs()
         factor = 2 ** (n - 1)
         forward_size = sample.shape[1] % factor != 0 or sample.shape[2] % factor != 0
         rev = tuple(reversed(boc))
-        rev_heads, rev_layers, rev_only = heads[::-1], layers[::-1], only_cross[::-1]
+        rev_heads, rev_layers, rev_only = per["heads"][::-1], per["layers"][::-1], per["only_cross"][::-1]
         for i, kind in enumerate(self.up_block_types):
             last = i == n - 1
             k = rev_layers[i] + 1
@@ -757,3 +850,18 @@ class UNet2DConditionModel(nn.Module, _DiffusersUNet):
         pad = (self.conv_out_kernel - 1) // 2
         x = conv2d(self.out_channels, self.conv_out_kernel, padding=pad, name="conv_out", **kw)(x)
         return x.astype(out_dtype)
+
+
+def _add_residuals(skips: list, residuals: Sequence[jax.Array], owner: str) -> list:
+    """skips[i] + residuals[i] for every down-path skip (diffusers' ControlNet residuals)."""
+    if len(residuals) != len(skips):
+        raise DataError(f"{owner}: {len(residuals)} down_block_additional_residuals for {len(skips)} down-path "
+                        "skips; a ControlNet built for this U-Net's encoder gives one per skip.")
+    out = []
+    for i, (s, r) in enumerate(zip(skips, residuals)):
+        r = jnp.asarray(r)
+        if jnp.broadcast_shapes(s.shape, r.shape) != s.shape:
+            raise DataError(f"{owner}: down_block_additional_residuals[{i}] has shape {tuple(r.shape)}; the skip "
+                            f"it adds to is {tuple(s.shape)}.")
+        out.append(s + r.astype(s.dtype))
+    return out

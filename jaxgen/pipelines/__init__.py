@@ -7,12 +7,18 @@
     images = pipe.inpaint(prompt, image, mask_image)            # inpainting
     # float32 numpy [B, H, W, 3] in [0, 1]
 
+    pipe = jaxgen.StableDiffusionControlNetPipeline.from_pretrained(folder, controlnet=None)
+    images = pipe(prompt, image=control, controlnet_conditioning_scale=1.0,
+                  control_guidance_start=0.0, control_guidance_end=1.0, guess_mode=False)
+
 StableDiffusionImg2ImgPipeline / StableDiffusionInpaintPipeline are the same object with
-``__call__`` bound to img2img / inpaint (diffusers' class names). See docs/PIPELINES.md.
+``__call__`` bound to img2img / inpaint (diffusers' class names). See docs/PIPELINES.md and
+docs/CONTROLNET.md.
 """
+from jaxgen.pipelines.controlnet import StableDiffusionControlNetPipeline
 from jaxgen.pipelines.stable_diffusion import (StableDiffusionImg2ImgPipeline,
                                                StableDiffusionInpaintPipeline,
                                                StableDiffusionPipeline, rescale_guidance)
 
 __all__ = ["StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline",
-           "StableDiffusionInpaintPipeline", "rescale_guidance"]
+           "StableDiffusionInpaintPipeline", "StableDiffusionControlNetPipeline", "rescale_guidance"]

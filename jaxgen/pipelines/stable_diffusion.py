@@ -45,9 +45,10 @@ shape, scheduler, step count, strength start and on/off switches: guidance, resc
 mode) and the VAE decoder (per latent shape). They are module-level jits with the modules as
 static arguments, so pipelines with equal configs share them, and switching the scheduler or the
 step count recompiles only the loop. A second call with the same shapes and options compiles
-nothing (``StableDiffusionPipeline.trace_counts()`` counts the traces). Guidance scale and rescale,
-prompts, images and noise are arrays: changing them does not recompile. With a ``mesh``, the
-parameters are replicated and the image batch is sharded over ``batch_axis``.
+nothing (``StableDiffusionPipeline.trace_counts()`` counts the traces). Guidance scale and
+rescale, prompts, images and noise are arrays: changing them does not recompile. With a ``mesh``,
+the parameters are replicated and the image batch is sharded over ``batch_axis``. Subclasses add
+per-step U-Net inputs with a ``LoopControl`` hook (jaxgen/pipelines/controlnet.py: ControlNets).
 
 Deliberate differences from diffusers: prompts are the only text input (no prompt_embeds, no
 clip_skip, no LoRA scale, no IP-Adapter); images and masks must already have the output size
@@ -109,6 +110,23 @@ class _Plan:
     concat_mask: bool                 # 9-channel inpainting U-Net
     step_kwargs: tuple                # scheduler.step options, as sorted (name, value) pairs
     sharding: Any                     # NamedSharding of the batch axis, or None
+    control: LoopControl | None = None   # extra U-Net inputs per step (ControlNet residuals)
+
+
+class LoopControl:
+    """A hook of the denoising loop (static: hashable, part of the compiled program's key) that
+    adds keyword arguments to every U-Net call, e.g. ControlNet residuals.
+
+    ``unet_kwargs(inputs, x_in, t, i, context, cfg)`` runs inside the compiled loop:
+      inputs: the call's ``control_inputs`` pytree (arrays; changing them does not recompile);
+      x_in: the scaled latents [B, h, w, C] (before any inpainting channels); t: [] timestep;
+      i: int32 [] ladder index; context: {"cond": [B, L, D](, "uncond": [B, L, D])};
+      cfg: whether the U-Net runs on [uncond; cond] (batch 2B).
+    Returns keyword arguments of ``UNet2DConditionModel.__call__`` for that batch (B or 2B).
+    """
+
+    def unet_kwargs(self, inputs, x_in, t, i, context, cfg: bool) -> dict[str, Any]:
+        raise NotImplementedError
 
 
 class _PasteKnownRegion:
@@ -146,7 +164,7 @@ def rescale_guidance(guided: jax.Array, cond: jax.Array, rescale: jax.Array) -> 
     return rescale * (guided * (std_cond / std_guided)) + (1 - rescale) * guided
 
 
-def _root_key(seed) -> jax.Array:
+def root_key(seed) -> jax.Array:
     """The root key of one pipeline call: ``jax.random.key(seed)`` for an int seed, or ``seed``
     itself when it already is a typed key (e.g. a ``fold_in`` of a caller's own root)."""
     if isinstance(seed, jax.Array) and jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
@@ -179,7 +197,7 @@ def encode_prompts(text_encoder, params, tokenizer: CLIPTokenizer, prompts: str 
     """
     from jaxgen.data.chunks import map_chunked
 
-    ids, mask = tokenizer.encode(_texts(prompts, "prompts"), return_attention_mask=True)
+    ids, mask = tokenizer.encode(as_texts(prompts, "prompts"), return_attention_mask=True)
 
     def run(ids_chunk, mask_chunk):
         return _context_stage(text_encoder, params, ids_chunk, mask_chunk if use_attention_mask else None)
@@ -190,7 +208,8 @@ def encode_prompts(text_encoder, params, tokenizer: CLIPTokenizer, prompts: str 
 # ------------------------------------------------------------------------------------------------
 # host-side input checks
 # ------------------------------------------------------------------------------------------------
-def _texts(value, what: str) -> list[str]:
+def as_texts(value, what: str) -> list[str]:
+    """One string or a non-empty list of strings -> a list of strings (else a TypeError naming ``what``)."""
     if isinstance(value, str):
         return [value]
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
@@ -198,7 +217,7 @@ def _texts(value, what: str) -> list[str]:
     raise TypeError(f"{what} must be a string or a non-empty list of strings, got {value!r}.")
 
 
-def _as_images(image, what: str) -> np.ndarray:
+def as_images(image, what: str) -> np.ndarray:
     """[N, H, W, 3] or [H, W, 3], float in [0, 1] or uint8 -> float32 [N, H, W, 3] in [0, 1]."""
     x = np.asarray(image)
     if x.ndim == 3:
@@ -206,11 +225,16 @@ def _as_images(image, what: str) -> np.ndarray:
     if x.ndim != 4 or x.shape[-1] != 3:
         raise DataError(f"{what}: expected NHWC RGB images [N, H, W, 3] (or one [H, W, 3]), got shape "
                         f"{x.shape}; transpose NCHW arrays with x.transpose(0, 2, 3, 1).")
+    if x.size == 0:
+        raise DataError(f"{what}: got no pixels (shape {x.shape}); pass at least one image of at least 1x1.")
     if x.dtype == np.uint8:
         return x.astype(np.float32) / 255.0
     if not np.issubdtype(x.dtype, np.floating):
         raise DataError(f"{what}: expected float images in [0, 1] or uint8, got dtype {x.dtype}.")
     x = x.astype(np.float32)
+    if not np.isfinite(x).all():
+        raise DataError(f"{what}: {int((~np.isfinite(x)).sum())} NaN/Inf value(s); images must be finite "
+                        "floats in [0, 1] or uint8.")
     lo, hi = float(x.min()), float(x.max())
     if lo < 0 or hi > 1:
         raise DataError(f"{what}: float images must lie in [0, 1] (pipeline convention), got values in "
@@ -228,13 +252,16 @@ def _as_masks(mask, what: str) -> np.ndarray:
         m = m.astype(np.float32) / 255.0
     elif not np.issubdtype(m.dtype, np.floating):
         raise DataError(f"{what}: expected a float mask in [0, 1], bool or uint8, got dtype {m.dtype}.")
+    elif not np.isfinite(m).all():
+        raise DataError(f"{what}: {int((~np.isfinite(m)).sum())} NaN/Inf value(s); a float mask holds finite "
+                        "values in [0, 1] (1 = repaint).")
     if m.ndim == 2:                          # [H, W]
         m = m[None, :, :, None]
     elif m.ndim == 3:                        # [H, W, 1] or [N, H, W]
         m = m[None] if m.shape[-1] == 1 else m[..., None]
-    if m.ndim != 4 or m.shape[-1] != 1:
-        raise DataError(f"{what}: expected a single-channel mask [N, H, W, 1], [N, H, W] or [H, W], got "
-                        f"shape {np.asarray(mask).shape}.")
+    if m.ndim != 4 or m.shape[-1] != 1 or m.size == 0:
+        raise DataError(f"{what}: expected a single-channel mask [N, H, W, 1], [N, H, W] or [H, W] with at "
+                        f"least one pixel, got shape {np.asarray(mask).shape}.")
     return (m >= 0.5).astype(np.float32)
 
 
@@ -266,6 +293,8 @@ class StableDiffusionPipeline:
     vae_scale_factor, mesh / batch_axis.
     """
 
+    PARAM_KEYS: tuple[str, ...] = ("unet", "vae", "text_encoder")    # the entries of ``params``
+
     def __init__(self, unet, vae, text_encoder, params: Mapping[str, Any], tokenizer: CLIPTokenizer,
                  scheduler: Scheduler, *, scheduler_config: Mapping[str, Any] | None = None,
                  use_attention_mask: bool = False, mesh: jax.sharding.Mesh | None = None,
@@ -276,10 +305,10 @@ class StableDiffusionPipeline:
         mesh, batch_axis: shard the image batch over ``mesh.axis_names[batch_axis]`` (default the
             mesh's first axis); parameters are replicated over the mesh.
         """
-        missing = {"unet", "vae", "text_encoder"} - set(params)
+        missing = set(self.PARAM_KEYS) - set(params)
         if missing:
-            raise ConfigError(f"StableDiffusionPipeline: params lacks {sorted(missing)}; pass "
-                              "{'unet': ..., 'vae': ..., 'text_encoder': ...}.")
+            raise ConfigError(f"{type(self).__name__}: params lacks {sorted(missing)}; pass a dict with "
+                              f"{', '.join(self.PARAM_KEYS)}.")
         if unet.in_channels not in (4, 9) and unet.in_channels != vae.latent_channels:
             raise ConfigError(f"StableDiffusionPipeline: the U-Net takes {unet.in_channels} channels; "
                               f"expected the VAE's {vae.latent_channels} latent channels, or 9 "
@@ -303,7 +332,7 @@ class StableDiffusionPipeline:
         self.use_attention_mask = bool(use_attention_mask)
         self.vae_scale_factor = 2 ** (len(vae.block_out_channels) - 1)
         self.mesh, self.batch_axis, self._batch_sharding = mesh, None, None
-        params = {k: params[k] for k in ("unet", "vae", "text_encoder")}
+        params = {k: params[k] for k in self.PARAM_KEYS}
         if mesh is not None:
             from jax.sharding import NamedSharding, PartitionSpec
 
@@ -327,23 +356,36 @@ class StableDiffusionPipeline:
             second text encoder) is a ConfigError: this is not a Stable Diffusion 1.x / 2.x folder.
         mesh, batch_axis: see ``__init__``. allow_pickle: read .bin weights (see load_pretrained).
         """
+        parts, _ = cls.load_components(folder, allow_pickle=allow_pickle)
+        return cls(**parts, mesh=mesh, batch_axis=batch_axis)
+
+    @staticmethod
+    def load_components(folder: str | os.PathLike, *, pipeline_classes: Sequence[str] = PIPELINE_CLASSES,
+                        others: Sequence[str] = (), allow_pickle: bool = False) -> tuple[dict, dict]:
+        """The Stable Diffusion parts of a diffusers pipeline folder, checked against its
+        model_index.json: (keyword arguments of ``__init__`` (unet, vae, text_encoder, params,
+        tokenizer, scheduler, scheduler_config, use_attention_mask), the model_index dict).
+
+        pipeline_classes: the ``_class_name`` values accepted; others: components the caller loads
+        itself (e.g. "controlnet"), skipped here. Any other unknown component is a ConfigError.
+        """
         folder = os.fspath(folder)
         index = read_json(os.path.join(folder, "model_index.json"))
         name = index.get("_class_name")
-        if name not in PIPELINE_CLASSES:
+        if name not in pipeline_classes:
             raise ConfigError(f"{folder}/model_index.json describes a {name!r}; this pipeline loads "
-                              f"{', '.join(PIPELINE_CLASSES)} folders.")
+                              f"{', '.join(pipeline_classes)} folders.")
         for comp, spec in index.items():
             if comp.startswith("_") or not isinstance(spec, (list, tuple)):
                 continue              # metadata and plain options (requires_safety_checker)
-            if comp in REQUIRED:
+            if comp in REQUIRED or comp in others:
                 continue
             if comp in NOT_RUN:
                 if spec[0] is not None:
                     log.warning("%s: component %r (%s) is not run: %s.", folder, comp, spec[1], NOT_RUN[comp])
                 continue
             raise ConfigError(f"{folder}: component {comp!r} ({spec}) is not part of a Stable Diffusion "
-                              "1.x / 2.x pipeline, which jaxgen's StableDiffusionPipeline loads.")
+                              f"1.x / 2.x pipeline ({name}), which this pipeline loads.")
         for comp, expected in REQUIRED.items():
             spec = index.get(comp)
             if not isinstance(spec, (list, tuple)) or spec[0] is None:
@@ -358,10 +400,11 @@ class StableDiffusionPipeline:
         use_mask = bool(read_json(os.path.join(te_dir, "config.json")).get("use_attention_mask", False))
         tokenizer = load_tokenizer(os.path.join(folder, "tokenizer"))
         sched_cfg = read_json(os.path.join(folder, "scheduler", SCHEDULER_CONFIG_NAME))
-        scheduler = scheduler_from_config(sched_cfg)
-        return cls(unet, vae, text, {"unet": unet_p, "vae": vae_p, "text_encoder": text_p}, tokenizer,
-                   scheduler, scheduler_config=sched_cfg, use_attention_mask=use_mask, mesh=mesh,
-                   batch_axis=batch_axis)
+        parts = dict(unet=unet, vae=vae, text_encoder=text,
+                     params={"unet": unet_p, "vae": vae_p, "text_encoder": text_p}, tokenizer=tokenizer,
+                     scheduler=scheduler_from_config(sched_cfg), scheduler_config=sched_cfg,
+                     use_attention_mask=use_mask)
+        return parts, index
 
     # -- public calls -----------------------------------------------------------------------
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
@@ -383,16 +426,24 @@ class StableDiffusionPipeline:
         guidance_rescale: in [0, 1]; eta: DDIM's eta (DDIMScheduler only).
         output_type: "np" (images float32 [B, H, W, 3] in [0, 1]) or "latent" ([B, H/f, W/f, C]).
         """
+        return self._text_to_image(prompt, negative_prompt, num_inference_steps, guidance_scale, height, width,
+                                   seed, latents, scheduler, num_images_per_prompt=num_images_per_prompt,
+                                   guidance_rescale=guidance_rescale, eta=eta, output_type=output_type)
+
+    def _text_to_image(self, prompt, negative_prompt, num_inference_steps, guidance_scale, height, width, seed,
+                       latents, scheduler, *, num_images_per_prompt, guidance_rescale, eta, output_type,
+                       control: LoopControl | None = None, control_inputs=None) -> np.ndarray:
+        """``__call__``'s work; ``control`` / ``control_inputs``: see ``_run``."""
         height, width = self._size(height, width)
-        prompts = _texts(prompt, "prompt")
+        prompts = as_texts(prompt, "prompt")
         batch = len(prompts) * self._per_prompt(num_images_per_prompt)
         shape = (batch, height // self.vae_scale_factor, width // self.vae_scale_factor,
                  self.vae.latent_channels)
-        root = _root_key(seed)
+        root = root_key(seed)
         latents = self._noise(latents, root, _KEY_LATENTS, shape, "latents")
         return self._run("text", prompts, negative_prompt, num_inference_steps, guidance_scale,
                          guidance_rescale, scheduler, eta, num_images_per_prompt, output_type, root,
-                         strength=1.0, inputs={"noise": latents})
+                         strength=1.0, inputs={"noise": latents}, control=control, control_inputs=control_inputs)
 
     def img2img(self, prompt: str | Sequence[str], image, strength: float = 0.8,
                 negative_prompt: str | Sequence[str] | None = None, num_inference_steps: int = 50,
@@ -409,14 +460,14 @@ class StableDiffusionPipeline:
             (latents = scaling_factor * (mean + std * image_noise)).
         Other arguments as ``__call__``. Returns [B, H, W, 3] float32 in [0, 1].
         """
-        images = _as_images(image, "img2img image")
-        prompts = _texts(prompt, "prompt")
+        images = as_images(image, "img2img image")
+        prompts = as_texts(prompt, "prompt")
         batch = len(prompts) * self._per_prompt(num_images_per_prompt)
         self._check_count(images.shape[0], len(prompts), batch, "image")
         height, width = self._size(images.shape[1], images.shape[2], what="image")
         self._check_strength(strength)
         h, w, c = height // self.vae_scale_factor, width // self.vae_scale_factor, self.vae.latent_channels
-        root = _root_key(seed)
+        root = root_key(seed)
         inputs = {"image": jnp.asarray(images),
                   "noise": self._noise(noise, root, _KEY_LATENTS, (batch, h, w, c), "noise"),
                   "image_noise": self._noise(image_noise, root, _KEY_IMAGE, (images.shape[0], h, w, c),
@@ -442,7 +493,7 @@ class StableDiffusionPipeline:
             VAE posterior draws for the image and the masked image.
         Other arguments as ``__call__``. Returns [B, H, W, 3] float32 in [0, 1].
         """
-        images = _as_images(image, "inpaint image")
+        images = as_images(image, "inpaint image")
         masks = _as_masks(mask_image, "inpaint mask_image")
         if masks.shape[1:3] != images.shape[1:3]:
             raise DataError(f"inpaint: mask_image is {masks.shape[1]}x{masks.shape[2]} but the image is "
@@ -453,7 +504,7 @@ class StableDiffusionPipeline:
                             "masks as images, or one of either for all.")
         images = np.broadcast_to(images, (n_img,) + images.shape[1:])
         masks = np.broadcast_to(masks, (n_img,) + masks.shape[1:])
-        prompts = _texts(prompt, "prompt")
+        prompts = as_texts(prompt, "prompt")
         batch = len(prompts) * self._per_prompt(num_images_per_prompt)
         self._check_count(n_img, len(prompts), batch, "image")
         height, width = self._size(images.shape[1], images.shape[2], what="image")
@@ -462,7 +513,7 @@ class StableDiffusionPipeline:
         if self.unet.in_channels == 9 and c != 4:
             raise ConfigError(f"inpaint: a 9-channel U-Net takes 4 latent + 1 mask + 4 masked-image "
                               f"channels, but the VAE has {c} latent channels.")
-        root = _root_key(seed)
+        root = root_key(seed)
         inputs = {"image": jnp.asarray(images), "mask": jnp.asarray(masks),
                   "noise": self._noise(noise, root, _KEY_LATENTS, (batch, h, w, c), "noise"),
                   "image_noise": self._noise(image_noise, root, _KEY_IMAGE, (n_img, h, w, c), "image_noise"),
@@ -546,7 +597,7 @@ class StableDiffusionPipeline:
             elif isinstance(negative, str):
                 neg = [negative] * len(prompts)
             else:
-                neg = _texts(negative, "negative_prompt")
+                neg = as_texts(negative, "negative_prompt")
                 if len(neg) != len(prompts):
                     raise ValueError(f"{len(neg)} negative prompts for {len(prompts)} prompts; pass one "
                                      "per prompt, or one string for all.")
@@ -555,7 +606,11 @@ class StableDiffusionPipeline:
         return jnp.asarray(ids), (jnp.asarray(mask) if self.use_attention_mask else None)
 
     def _run(self, mode, prompts, negative, steps, guidance_scale, guidance_rescale, scheduler, eta,
-             per_prompt, output_type, root, *, strength, inputs):
+             per_prompt, output_type, root, *, strength, inputs, control: LoopControl | None = None,
+             control_inputs=None):
+        """One call: text, image, loop and decode stages. control (static, hashable) adds keyword
+        arguments to every U-Net call of the loop from control_inputs (a pytree of arrays), e.g. a
+        ControlNet's residuals (jaxgen.pipelines.controlnet)."""
         if output_type not in ("np", "latent"):
             raise ValueError(f"output_type={output_type!r}; use 'np' (images) or 'latent'.")
         sched = self.get_scheduler(scheduler)
@@ -579,7 +634,11 @@ class StableDiffusionPipeline:
         from_image = mode == "image" or (mode == "inpaint" and float(strength) < 1.0)
         blend = mode == "inpaint" and self.unet.in_channels != 9
         concat_mask = mode == "inpaint" and self.unet.in_channels == 9
-        cfg = float(guidance_scale) > 1.0
+        from jaxgen.training.config_values import check_guidance
+
+        cfg = check_guidance(guidance_scale, "as in diffusers, guidance_scale <= 1 applies no classifier-free "
+                             "guidance: the prompt alone conditions the samples (guidance above 1 "
+                             "strengthens it).") > 1.0
         noise = inputs["noise"]
         batch = noise.shape[0]
         sharding = self._batch_sharding
@@ -603,10 +662,10 @@ class StableDiffusionPipeline:
                                  factor=self.vae_scale_factor, sharding=sharding)
         plan = _Plan(scheduler=sched, start_index=start, from_image=from_image, cfg=cfg,
                      rescale=cfg and float(guidance_rescale) > 0, blend=blend, concat_mask=concat_mask,
-                     step_kwargs=tuple(sorted(step_kwargs.items())), sharding=sharding)
+                     step_kwargs=tuple(sorted(step_kwargs.items())), sharding=sharding, control=control)
         latents = _loop_stage(self.unet, params["unet"], state, context, noise, image,
                               jnp.asarray(guidance_scale, F32), jnp.asarray(guidance_rescale, F32),
-                              jax.random.fold_in(root, _KEY_STEPS), plan=plan)
+                              jax.random.fold_in(root, _KEY_STEPS), control_inputs, plan=plan)
         if output_type == "latent":
             return np.asarray(jax.device_get(latents))
         return np.asarray(jax.device_get(_decode_stage(self.vae, params["vae"], latents)))
@@ -680,12 +739,13 @@ def _image_stage(vae, params, images, image_noise, masks, masked_noise, *, batch
 
 @functools.partial(jax.jit, static_argnames=("unet", "plan"))
 def _loop_stage(unet, params, state, context, noise, image, guidance_scale, guidance_rescale, step_key,
-                *, plan: _Plan):
+                control_inputs=None, *, plan: _Plan):
     """The denoising loop (one lax.scan over the ladder from plan.start_index) with guidance.
 
     context: from _text_stage; noise: [B, h, w, C] unit Gaussian; image: from _image_stage ({} for
     text-to-image); guidance_scale, guidance_rescale: [] float32; step_key: the stochastic
-    schedulers' per-step noise root. Returns the final latents [B, h, w, C] float32.
+    schedulers' per-step noise root; control_inputs: the arrays of plan.control (or None).
+    Returns the final latents [B, h, w, C] float32.
     """
     _TRACES["loop"] += 1
     sched = plan.scheduler
@@ -698,21 +758,24 @@ def _loop_stage(unet, params, state, context, noise, image, guidance_scale, guid
     if plan.concat_mask:
         context = dict(context, extra=jnp.concatenate([image["mask"], image["masked"]], axis=-1))
 
-    def model_fn(x_in, t, ctx):
+    def model_fn(x_in, t, ctx, i):
+        extra = ({} if plan.control is None else
+                 plan.control.unet_kwargs(control_inputs, x_in, t, i, ctx, plan.cfg))
         if "extra" in ctx:                                       # [B, h, w, C + 1 + C]
             x_in = jnp.concatenate([x_in, ctx["extra"].astype(x_in.dtype)], axis=-1)
         if not plan.cfg:
-            return unet.apply({"params": params}, x_in, jnp.broadcast_to(t, (x_in.shape[0],)), ctx["cond"])
+            return unet.apply({"params": params}, x_in, jnp.broadcast_to(t, (x_in.shape[0],)), ctx["cond"],
+                              **extra)
         both = jnp.concatenate([x_in, x_in], axis=0)             # [2B, ...]: uncond, then cond
         out = unet.apply({"params": params}, both, jnp.broadcast_to(t, (both.shape[0],)),
-                         jnp.concatenate([ctx["uncond"], ctx["cond"]], axis=0))
+                         jnp.concatenate([ctx["uncond"], ctx["cond"]], axis=0), **extra)
         out_u, out_c = jnp.split(out, 2, axis=0)
         guided = out_u + guidance_scale * (out_c - out_u)
         return rescale_guidance(guided, out_c, guidance_rescale) if plan.rescale else guided
 
     return sample_loop(sched, state, model_fn, x, key=step_key, cond=context,
                        start_index=plan.start_index, scale_init=not plan.from_image,
-                       step_kwargs=dict(plan.step_kwargs))
+                       step_kwargs=dict(plan.step_kwargs), pass_index=True)
 
 
 @functools.partial(jax.jit, static_argnames=("vae",))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from jaxgen.errors import ConfigError
+from jaxgen.errors import ConfigError, DataError
 
 
 def plain(value):
@@ -22,6 +22,30 @@ def plain(value):
     if isinstance(value, (list, tuple)):
         return tuple(plain(v) for v in value)
     return value
+
+
+def check_count(name: str, value, error=DataError) -> int:
+    """``value`` as an int >= 1 (a number of images, of sampling steps), or ``error`` naming the
+    argument; bools and floats are refused (they fix array sizes)."""
+    import numpy as np
+
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise error(f"{name}={value!r}: give a whole number >= 1.")
+    return int(value)
+
+
+def check_guidance(value, rule: str) -> float:
+    """A classifier-free guidance scale as a float: NaN/Inf (or a non-number) is a ConfigError; a
+    negative one is allowed (it pushes samples away from their condition) but warned about, with
+    ``rule`` saying what this sampler does with it."""
+    import warnings
+
+    g = check_range("guidance_scale", value)
+    if g != g or g in (float("inf"), float("-inf")):
+        raise ConfigError(f"guidance_scale={value!r} must be a finite number.")
+    if g < 0:
+        warnings.warn(f"guidance_scale={g:g} is negative: {rule}", UserWarning, stacklevel=3)
+    return g
 
 
 def check_choice(field: str, value, choices: Iterable, hint: str = ""):

@@ -14,9 +14,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxgen.errors import CheckpointError
+from jaxgen.errors import CheckpointError, ConfigError
 from jaxgen.training import mesh as mesh_lib
 from jaxgen.training.checkpoint import Checkpointer, abstract_with_shardings
+from jaxgen.training.config_values import check_count
 from jaxgen.training.optim import make_optimizer
 from jaxgen.training.stages import (MAIN_STAGE, checkpoint_dir, ema_decay_of, final_params, handed_on,
                                      new_train_state, stage_config)
@@ -91,7 +92,11 @@ class Run:
     def sample(self, num: int, seed: int = 0, labels=None, prompts=None, num_steps=None,
                guidance_scale=None, scheduler=None, **options) -> np.ndarray:
         """``num`` samples, uint8 [num, H, W, C]; None arguments take the config's sampling
-        defaults; further keyword options are the task's (e.g. control= for a ControlNet run)."""
+        defaults; further keyword options are the task's (e.g. control= for a ControlNet run).
+        A count or step number that is not a positive int is a DataError / ConfigError naming it."""
+        check_count("num", num)
+        if num_steps is not None:
+            check_count("num_steps", num_steps, ConfigError)
         return self._ability("sample")(num, seed=seed, labels=labels, prompts=prompts, num_steps=num_steps,
                                        guidance_scale=guidance_scale, scheduler=scheduler, **options)
 
@@ -116,11 +121,11 @@ def _find_config(workdir: str, step: int | None) -> dict:
         raise CheckpointError(f"{workdir} has no checkpoint yet: train it first "
                               "(python -m train --config ... --workdir ...).")
     if any(d.isdigit() for d in os.listdir(base)):
-        return Checkpointer(base, read_only=True).read_config(step)
+        return Checkpointer(base, read_only=True).read_config(step)[0]
     for stage in sorted(os.listdir(base)):
         folder = os.path.join(base, stage)
         if os.path.isdir(folder) and any(d.isdigit() for d in os.listdir(folder)):
-            return Checkpointer(folder, read_only=True).read_config()
+            return Checkpointer(folder, read_only=True).read_config()[0]
     raise CheckpointError(f"{workdir} has no checkpoint yet: train it first "
                           "(python -m train --config ... --workdir ...).")
 
@@ -128,7 +133,10 @@ def _find_config(workdir: str, step: int | None) -> dict:
 def load_run(workdir: str | os.PathLike, step: int | None = None) -> Run:
     """Load the run in ``workdir`` at ``step`` (default: its latest checkpoint).
 
-    Multi-stage runs load every stage (``step`` applies to the last one); ``run.params``,
+    A damaged newest checkpoint is skipped with a warning naming the step and the file (the
+    newest intact one loads; ``run.step`` says which); a damaged ``step`` asked for is a
+    CheckpointError naming the other steps. Multi-stage runs load every stage (``step``
+    applies to the last one); ``run.params``,
     ``run.model_state`` and ``run.variables`` are then {stage: ...}. Checkpoints written before
     TrainState had a model_state field load as they are (model_state None).
     """

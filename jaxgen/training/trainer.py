@@ -17,10 +17,11 @@ import ml_collections
 import numpy as np
 
 from jaxgen.data import pipeline
-from jaxgen.errors import ConfigError, NonFiniteError
+from jaxgen.errors import CheckpointError, ConfigError, NonFiniteError
 from jaxgen.training import init_from as init_from_lib
 from jaxgen.training import mesh as mesh_lib
-from jaxgen.training.checkpoint import Checkpointer, abstract_with_shardings, check_writable
+from jaxgen.training.checkpoint import Checkpointer, abstract_with_shardings, check_writable, max_to_keep
+from jaxgen.training.config_values import check_range
 from jaxgen.training.optim import make_optimizer
 from jaxgen.training.run import load_run
 from jaxgen.training.stages import (MAIN_STAGE, checkpoint_dir, ema_decay_of, handed_on, new_train_state,
@@ -52,11 +53,39 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str | None = Non
         raise ConfigError(f"config.compute_dtype={config.compute_dtype!r}: choose one of {', '.join(DTYPES)}.")
     if config.get("nan_policy", "stop") not in ("stop", "skip"):
         raise ConfigError(f"config.nan_policy={config.nan_policy!r}: choose 'stop' or 'skip'.")
+    max_to_keep(config.get("keep_checkpoints", 3))
+    check_optim(config.optim)
     init_from_lib.validate(config, workdir)
+
+
+def check_optim(optim) -> None:
+    """ConfigError naming the field for optimizer settings that cannot train: a learning rate
+    that is not positive (a negative one trains by gradient ascent), Adam betas outside [0, 1),
+    negative eps, weight decay, clipping or warm-up."""
+    check_range("config.optim.lr", optim.lr, 0, low_open=True,
+                hint="a negative learning rate climbs the loss; e.g. 1e-3")
+    for f in ("b1", "b2"):
+        if f in optim:
+            check_range(f"config.optim.{f}", optim[f], 0, 1, high_open=True)
+    for f in ("eps", "weight_decay", "clip_norm", "warmup_steps"):
+        if f in optim and optim[f] is not None:
+            hint = "0 switches it off" if f in ("clip_norm", "warmup_steps") else ""
+            check_range(f"config.optim.{f}", optim[f], 0, hint=hint)
+    if "final_lr_ratio" in optim:
+        check_range("config.optim.final_lr_ratio", optim.final_lr_ratio, 0, 1)
 
 
 def config_to_dict(config: ml_collections.ConfigDict) -> dict:
     return json.loads(config.to_json())
+
+
+def _drop_unset(d):
+    """A config dict without None values and empty groups: a field added later with an unset
+    default (e.g. data.options.resolution) compares equal to its absence in an older run."""
+    if not isinstance(d, dict):
+        return d
+    out = {k: _drop_unset(v) for k, v in d.items() if v is not None}
+    return {k: v for k, v in out.items() if v != {}}
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -80,8 +109,8 @@ def _resumable(change: str) -> bool:
 
 def _check_resume_config(saved: dict, new: dict, workdir: str) -> None:
     # init_from switched off equals an absent one (runs saved before the field existed)
-    changes = [c for c in _diff(init_from_lib.strip_defaults(saved), init_from_lib.strip_defaults(new))
-               if not _resumable(c)]
+    changes = [c for c in _diff(_drop_unset(init_from_lib.strip_defaults(saved)),
+                                _drop_unset(init_from_lib.strip_defaults(new))) if not _resumable(c)]
     if changes:
         raise ConfigError(f"{workdir} holds a run with a different config ({'; '.join(changes)}). "
                           "Resume with the same config, or start the new one in a new --workdir.")
@@ -90,13 +119,17 @@ def _check_resume_config(saved: dict, new: dict, workdir: str) -> None:
 class Trainer:
     """Trains one stage of a run; ``fit()`` trains to total_steps, resuming by itself.
 
-    task: the stage's task (default: built from config, attached to workdir).
+    task: the stage's task (default: built from config, attached to workdir). resume_step: the
+    checkpoint to resume from (default: the newest intact one); steps after it are moved aside
+    to DIR/checkpoints/STEP.superseded, not deleted.
     """
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str, stage: str = MAIN_STAGE,
-                 task=None, run_config: ml_collections.ConfigDict | None = None):
+                 task=None, run_config: ml_collections.ConfigDict | None = None,
+                 resume_step: int | None = None):
         validate_config(config, workdir)
         self.config, self.workdir, self.stage = config, os.path.abspath(workdir), stage
+        self.resume_step = resume_step
         # the whole run's config: saved with every checkpoint, compared on resume
         self.run_config = config if run_config is None else run_config
         check_writable(self.workdir)
@@ -117,7 +150,7 @@ class Trainer:
         self.data = self.task.batch_arrays(self.task.load_data(config.data.train_split))
         self.batch_sharding = mesh_lib.batch_sharding(self.mesh)
         self.checkpointer = Checkpointer(checkpoint_dir(self.workdir, stage),
-                                         max_to_keep=config.get("keep_checkpoints", 3))
+                                         max_to_keep=max_to_keep(config.get("keep_checkpoints", 3)))
 
     # -- state ------------------------------------------------------------------------------
     def _create(self) -> TrainState:
@@ -132,6 +165,9 @@ class Trainer:
         abstract = self.abstract_state()
         latest = self.checkpointer.latest_step()
         config_dict = config_to_dict(self.run_config)
+        if latest is None and self.resume_step is not None:
+            raise CheckpointError(f"--step {self.resume_step}: {self.checkpointer.folder} has no checkpoint "
+                                  "yet; omit --step to start training.")
         if latest is None:
             # built in place with its shardings: never the whole state on one device first
             state = jax.jit(self._create, out_shardings=self.state_shardings)()
@@ -140,8 +176,15 @@ class Trainer:
                 state, _ = init_from_lib.init_state(state, init_cfg, self.state_shardings, self.workdir,
                                                     self.stage, write=self.is_main, log_to=log.info)
             return state, 0
-        state, saved_config, step = self.checkpointer.restore(abstract)
-        _check_resume_config(saved_config, config_dict, self.workdir)
+        # the saved config is compared before the state is read: a changed model is reported as
+        # the changed config field; a damaged newest step is skipped (and moved aside) with a warning
+        state, _, step = self.checkpointer.restore(
+            abstract, step=self.resume_step,
+            check_config=lambda saved: _check_resume_config(saved, config_dict, self.workdir))
+        if self.resume_step is not None:
+            later = [s for s in self.checkpointer.all_steps() if s > step]
+            if later:
+                self.checkpointer.set_aside(later, "superseded")
         log.info("resumed %s at step %d", self.workdir, step)
         return state, step
 
@@ -252,8 +295,14 @@ def _progress(start: int, total: int, enabled: bool):
     return tqdm(total=total, initial=start, disable=not enabled, dynamic_ncols=True, desc="train")
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None = None):
+def train(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None = None,
+          step: int | None = None):
     """Train ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the Run.
+
+    step: resume from this checkpoint step instead of the newest intact one (``python -m train
+    --step N``); in a multi-stage run it applies to the last stage that has checkpoints. Later
+    steps of that stage are moved aside (STEP.superseded), never deleted. A damaged newest step
+    is skipped with a warning naming it and the file (see jaxgen/training/checkpoint.py).
 
     A task with several stages (``task.stages``, e.g. an autoencoder, then a prior on its codes)
     trains them in order, each to its own total_steps with its own checkpoints; later stages get
@@ -264,12 +313,24 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_after: int | Non
     check_writable(os.path.abspath(workdir))
     task = make_task(config)
     task.attach(os.path.abspath(workdir), training=True)
+    resume_stage = None
+    if step is not None:
+        started = [s for s in task.stages if _has_steps(checkpoint_dir(os.path.abspath(workdir), s))]
+        if not started:
+            raise CheckpointError(f"--step {step}: {os.path.abspath(workdir)} has no checkpoint yet; omit "
+                                  "--step to start training.")
+        resume_stage = started[-1]
     frozen: dict = {}
     for stage in task.stages:
         sconf = stage_config(config, stage)
         sub = task.stage_task(stage, frozen, sconf)
-        trainer = Trainer(sconf, workdir, stage, sub, run_config=config)
+        trainer = Trainer(sconf, workdir, stage, sub, run_config=config,
+                          resume_step=step if stage == resume_stage else None)
         state = trainer.fit(stop_after=stop_after)
         trainer.checkpointer.close()
         frozen[stage] = handed_on(sub, state)
     return load_run(workdir)
+
+
+def _has_steps(folder: str) -> bool:
+    return os.path.isdir(folder) and any(d.isdigit() for d in os.listdir(folder))

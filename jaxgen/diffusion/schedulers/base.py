@@ -35,7 +35,7 @@ import numpy as np
 from jaxgen.convert.config import filter_config, module_fields, to_json_value, write_json
 from jaxgen.convert.pretrained import DIFFUSERS_VERSION   # written into the configs we save
 from jaxgen.diffusion import schedules as sch
-from jaxgen.errors import ConfigError
+from jaxgen.errors import ConfigError, DataError
 
 F32 = jnp.float32
 SCHEDULER_CONFIG_NAME = "scheduler_config.json"
@@ -56,6 +56,7 @@ class Scheduler:
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
         self._canonicalise()
+        self._check_common_fields()
         for name, allowed in self.supported.items():
             value = getattr(self, name)
             if value not in allowed:
@@ -63,6 +64,23 @@ class Scheduler:
                                   f"jaxgen (implemented: {', '.join(map(repr, allowed))}).")
         self._validate()
         self._setup()
+
+    def _check_common_fields(self) -> None:
+        """ConfigError naming the field for values no schedule can use: num_train_timesteps below
+        1 or not an int; beta_start / beta_end not finite, negative, or not below 1."""
+        T = getattr(self, "num_train_timesteps", 1)
+        if isinstance(T, bool) or not isinstance(T, (int, np.integer)) or T < 1:
+            raise ConfigError(f"{type(self).__name__}: num_train_timesteps={T!r} must be an int >= 1.")
+        for name in ("beta_start", "beta_end"):
+            if not hasattr(self, name):
+                continue
+            value = getattr(self, name)
+            try:
+                ok = 0.0 <= float(value) < 1.0
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise ConfigError(f"{type(self).__name__}: {name}={value!r} must be a number in [0, 1).")
 
     def _canonicalise(self) -> None:
         """Rewrite legacy field values the way diffusers does at construction (optional)."""
@@ -150,14 +168,14 @@ def alphas_cumprod_table(cfg: Scheduler, *, zero_snr_floor: bool = False) -> np.
 def check_num_steps(owner: str, n, num_train_timesteps: int) -> int:
     """num_inference_steps must be a positive Python int no larger than T."""
     if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
-        raise ValueError(f"{owner}.set_timesteps: num_inference_steps must be a Python int, got "
-                         f"{type(n).__name__} (it fixes array lengths, so it cannot be traced).")
+        raise ConfigError(f"{owner}.set_timesteps: num_inference_steps must be a Python int, got "
+                          f"{type(n).__name__} (it fixes array lengths, so it cannot be traced).")
     n = int(n)
     if n < 1:
-        raise ValueError(f"{owner}.set_timesteps: num_inference_steps={n}; it must be >= 1.")
+        raise ConfigError(f"{owner}.set_timesteps: num_inference_steps={n}; it must be >= 1.")
     if n > num_train_timesteps:
-        raise ValueError(f"{owner}.set_timesteps: num_inference_steps={n} is larger than "
-                         f"num_train_timesteps={num_train_timesteps}; use at most that many steps.")
+        raise ConfigError(f"{owner}.set_timesteps: num_inference_steps={n} is larger than "
+                          f"num_train_timesteps={num_train_timesteps}; use at most that many steps.")
     return n
 
 
@@ -178,12 +196,12 @@ def check_zero_snr_epsilon(owner: str, cfg, alphas_cumprod: np.ndarray, timestep
 def require_noise(noise, sample: jax.Array, owner: str, why: str) -> jax.Array:
     """The step's Gaussian noise as float32, or a ValueError saying how to pass it."""
     if noise is None:
-        raise ValueError(f"{owner}.step {why}, so it needs noise=: pass a standard normal array of "
+        raise DataError(f"{owner}.step {why}, so it needs noise=: pass a standard normal array of "
                          f"the sample's shape {tuple(sample.shape)}, e.g. "
                          "jax.random.normal(jax.random.fold_in(key, i), x.shape).")
     noise = jnp.asarray(noise, F32)
     if noise.shape != sample.shape:
-        raise ValueError(f"{owner}.step: noise has shape {tuple(noise.shape)}, the sample "
+        raise DataError(f"{owner}.step: noise has shape {tuple(noise.shape)}, the sample "
                          f"{tuple(sample.shape)}; they must match.")
     return noise
 

@@ -13,7 +13,7 @@ from jaxgen.diffusion import schedules as sch
 from jaxgen.diffusion.schedulers.base import (
     F32, Scheduler, alphas_cumprod_table, bcast, check_num_steps, check_zero_snr_epsilon,
     require_noise, threshold_sample, vp_predict_x0)
-from jaxgen.errors import ConfigError
+from jaxgen.errors import ConfigError, DataError
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned",
                   "learned_range")
@@ -74,12 +74,12 @@ class DDPMScheduler(Scheduler):
         state.timesteps [N] int32. sample_shape is accepted for a uniform interface (no buffers)."""
         T = self.num_train_timesteps
         if (num_inference_steps is None) == (timesteps is None):
-            raise ValueError("DDPMScheduler.set_timesteps: pass exactly one of num_inference_steps "
+            raise ConfigError("DDPMScheduler.set_timesteps: pass exactly one of num_inference_steps "
                              "and timesteps.")
         if timesteps is not None:
             ts = np.asarray(timesteps, dtype=np.int64)
             if ts.ndim != 1 or ts.size == 0 or np.any(np.diff(ts) >= 0) or ts[0] >= T or ts[-1] < 0:
-                raise ValueError("DDPMScheduler.set_timesteps: custom timesteps must be a non-empty, "
+                raise ConfigError("DDPMScheduler.set_timesteps: custom timesteps must be a non-empty, "
                                  f"strictly descending list in [0, {T - 1}].")
         else:
             n = check_num_steps("DDPMScheduler", num_inference_steps, T)
@@ -101,7 +101,7 @@ class DDPMScheduler(Scheduler):
         if self.variance_type in ("learned", "learned_range"):
             c = x.shape[-1]
             if mo.shape[-1] != 2 * c:
-                raise ValueError(f"DDPMScheduler: variance_type={self.variance_type!r} needs a model "
+                raise DataError(f"DDPMScheduler: variance_type={self.variance_type!r} needs a model "
                                  f"output with 2 x {c} channels (mean, variance), got {mo.shape[-1]}.")
             mo, predicted_variance = mo[..., :c], mo[..., c:]
         noise = require_noise(noise, x, "DDPMScheduler", "adds the posterior variance")

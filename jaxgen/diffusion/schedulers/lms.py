@@ -97,7 +97,7 @@ class LMSDiscreteScheduler(Scheduler):
         T = self.num_train_timesteps
         n = check_num_steps("LMSDiscreteScheduler", num_inference_steps, T)
         if not 1 <= int(order) <= MAX_LMS_ORDER:
-            raise ValueError(f"LMSDiscreteScheduler: order={order}; use 1..{MAX_LMS_ORDER}.")
+            raise ConfigError(f"LMSDiscreteScheduler: order={order}; use 1..{MAX_LMS_ORDER}.")
         ts = sch.spaced_timesteps_float(self.timestep_spacing, T, n, self.steps_offset)
         sigmas, ts, _ = sigma_ladder(self, ts, n, self.alphas_cumprod_np)
         sig32 = np.concatenate([sigmas, [0.0]]).astype(np.float32)

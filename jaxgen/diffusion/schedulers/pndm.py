@@ -81,7 +81,7 @@ class PNDMScheduler(Scheduler):
             plms = np.concatenate([base[:-1], base[-2:-1], base[-1:]])[::-1]
         else:
             if n < 4:
-                raise ValueError(f"PNDMScheduler with PRK steps needs num_inference_steps >= 4, got {n}; "
+                raise ConfigError(f"PNDMScheduler with PRK steps needs num_inference_steps >= 4, got {n}; "
                                  "use more steps or skip_prk_steps=True.")
             half = T // n // 2
             # the 4 largest timesteps, each followed by its half-step point; then each sub-step

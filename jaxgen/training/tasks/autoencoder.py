@@ -159,6 +159,9 @@ class AutoencoderTask(Task):
 
     def decode_random_codes(self, params, num: int, seed: int = 0) -> np.ndarray:
         """Decode ``num`` codes drawn from a Gaussian fitted to the test set's codes: uint8 [num, H, W, C]."""
+        from jaxgen.training.config_values import check_count
+
+        check_count("num", num)
         if not getattr(self.model, "latent_dim", 0):
             raise DataError(f"this {self.name!r} run has no dense code (latent_dim 0) to sample from.")
         codes = self.encode(params, self.load_data(self.config.data.eval_split).images)
@@ -337,9 +340,13 @@ class VAETask(AutoencoderTask):
 
     def sample(self, params, num, seed=0, labels=None, prompts=None, num_steps=None,
                guidance_scale=None, scheduler=None):
-        """``num`` images decoded from z ~ N(0, I): uint8 [num, H, W, C]."""
-        if labels is not None or prompts is not None:
-            raise ValueError("this VAE is unconditional: it takes no labels or prompts.")
+        """``num`` images decoded from z ~ N(0, I): uint8 [num, H, W, C]. The VAE has no labels,
+        prompts or sampling schedule: passing any is a DataError naming them."""
+        given = [name for name, v in (("labels", labels), ("prompts", prompts), ("num_steps", num_steps),
+                                      ("guidance_scale", guidance_scale), ("scheduler", scheduler)) if v is not None]
+        if given:
+            raise DataError(f"this VAE samples z ~ N(0, I) and decodes it: {', '.join(given)} do not apply to it "
+                            "(it is unconditional and has no sampling steps).")
         z = jax.random.normal(jax.random.key(seed), (num, self.model.latent_dim))
         return self.decode(params, np.asarray(z))
 

@@ -110,13 +110,20 @@ class Task:
 
         data_dir = self.config.data.get("data_dir") or None
         options = plain(self.config.data.get("options", None) or {})
+        options = {k: v for k, v in options.items() if v is not None}     # unset options: the source's defaults
         return load_dataset(self.config.data.name, split, data_dir=data_dir, **options)
 
     def gather(self, ds) -> dict:
         """The fields of ``inputs()`` from the dataset ``ds``, checked (jaxgen.data.fields.gather),
         without the examples whose label is in config.data.exclude_labels (anomaly detection:
         train without some classes, score them at evaluation)."""
-        arrays = gather(ds, self.inputs(), where=f"{self.name} task on {ds.name}/{ds.split}")
+        try:
+            arrays = gather(ds, self.inputs(), where=f"{self.name} task on {ds.name}/{ds.split}")
+        except DataError as e:
+            hint = self._size_hint(ds)
+            if not hint:
+                raise
+            raise DataError(f"{e} {hint}") from None
         exclude = tuple(self.config.data.get("exclude_labels", ()) or ())
         if exclude:
             if "label" not in arrays:
@@ -126,6 +133,29 @@ class Task:
             arrays = {k: (v[keep] if isinstance(v, np.ndarray) else [t for t, k_ in zip(v, keep) if k_])
                       for k, v in arrays.items()}
         return arrays
+
+    def _size_hint(self, ds) -> str:
+        """What a config can set when a dataset's images are not the size or channel count the
+        model declares ("" when they are)."""
+        hints = []
+        for name, spec in self.inputs().items():
+            if spec.kind != "image" or name not in ds.field_names or len(spec.shape) < 3:
+                continue
+            got = tuple(np.shape(ds.field(name))[1:])
+            if len(got) != len(spec.shape):
+                continue
+            (h, w, c), (H, W, C) = got[-3:], spec.shape[-3:]
+            if (H, W) != (h, w) and H is not None and W is not None:
+                hint = f"resize the data with --config.data.options.resolution={H} (image folders and TFDS datasets)"
+                if "image_size" in self.config.model:
+                    hint += f", or set config.model.image_size={h} to train at {h}x{w}"
+                hints.append(hint)
+            if C is not None and c != C:
+                field = "in_channels" if "in_channels" in self.config.model else "channels"
+                hints.append(f"the data has {c} channel(s) and the model {C}: set config.model.{field}={c}"
+                             + (", or give the folder as grey with data.options.grayscale=('image',) in "
+                                "the config file" if C == 1 and name == "image" else ""))
+        return ("To fix: " + "; ".join(hints) + ".") if hints else ""
 
     def batch_arrays(self, ds) -> dict[str, np.ndarray]:
         """Host arrays the pipeline indexes, {name: array [N, ...]}: the gathered inputs. Tasks
@@ -144,7 +174,16 @@ class Task:
         spec = self.inputs().get(name)
         if spec is None:
             raise DataError(f"a {self.name!r} run takes no {name!r}; it takes {', '.join(self.inputs())}.")
-        return check_field(name, values, spec, where=f"a {self.name!r} run")
+        try:
+            return check_field(name, values, spec, where=f"a {self.name!r} run")
+        except DataError as e:
+            res = (self.config.data.get("options", None) or {}).get("resolution", None)
+            if spec.kind != "image" or res is None or np.shape(values)[-3:-1] == (res, res):
+                raise
+            raise DataError(f"{e} This run trained on images resized and center-cropped to {res}x{res} "
+                            "(config.data.options.resolution): give yours the same way, e.g. "
+                            "jaxgen.data.folder.resize_center_crop(image, "
+                            f"({res}, {res})) per image.") from None
 
     def check_images(self, images: np.ndarray) -> np.ndarray:
         """uint8 [N, H, W, C] at the dataset's resolution, or a DataError saying what is wrong."""

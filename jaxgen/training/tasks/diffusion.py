@@ -48,7 +48,7 @@ from jaxgen.diffusion.schedulers import SCHEDULERS, Scheduler, scheduler_from_co
 from jaxgen.diffusion.schedules import make_schedule
 from jaxgen.errors import ConfigError, DataError
 from jaxgen.eval.images import class_rows_grid, make_grid, preview_upscale, save_png
-from jaxgen.training.config_values import check_choice, check_range, plain
+from jaxgen.training.config_values import check_choice, check_guidance, check_range, plain
 from jaxgen.training.tasks.base import Task, class_labels
 
 LOSS_WEIGHTINGS = ("uniform", "min_snr")
@@ -253,7 +253,9 @@ class DiffusionTask(TrainingScheduleMixin, Task):
             raise DataError(f"num={num}: ask for at least one sample.")
         sched = self.make_scheduler(scheduler)
         steps = int(s.num_steps if num_steps is None else num_steps)
-        g = float(s.guidance_scale if guidance_scale is None else guidance_scale)
+        g = check_guidance(s.guidance_scale if guidance_scale is None else guidance_scale,
+                           "the samples are pushed away from their class labels (1 = no guidance, "
+                           "above 1 = stronger adherence).")
         labels = self._labels(num, labels)
         guided = g != 1.0
         if guided and labels is None:

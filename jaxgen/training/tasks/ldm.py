@@ -78,7 +78,7 @@ import numpy as np
 
 from jaxgen.data.chunks import chunk_bounds, pad_rows
 from jaxgen.data.fields import Input
-from jaxgen.data.pipeline import images_to_uint8
+from jaxgen.data.pipeline import images_to_uint8, unit_to_uint8
 from jaxgen.diffusion.schedules import make_schedule
 from jaxgen.errors import CheckpointError, ConfigError, DataError
 from jaxgen.eval import shapes as shapes_eval
@@ -341,7 +341,7 @@ class LDMTask(TrainingScheduleMixin, Task):
                           height=height, width=width, seed=jax.random.fold_in(steps_root, n),
                           latents=pad_rows(latents[a:b], size), scheduler=sched)   # [size, H, W, C] in [0, 1]
             out.append(images[:b - a])
-        return np.round(np.concatenate(out) * 255).astype(np.uint8)
+        return unit_to_uint8(np.concatenate(out), what="the text-to-image run")
 
     def default_prompts(self, num: int) -> list[str]:
         """The canonical captions of the dataset's combinations in order (shapes: 180), repeated."""
