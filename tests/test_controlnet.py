@@ -358,5 +358,5 @@ def test_loading_and_call_errors(folders, pipes, tmp_path):
         pipes["multi"](PROMPTS, image)
     with pytest.raises(DataError, match="one per prompt"):
         pipe(PROMPTS, control_images(61, 3))
-    with pytest.raises(NotImplementedError, match="Img2Img"):
+    with pytest.raises(ConfigError, match="Img2Img"):
         pipe.img2img(PROMPTS, image)

@@ -122,8 +122,9 @@ def test_a_bad_source_fails_before_training(tmp_path, data_dir):
 
 
 def test_a_run_source_and_its_stage(source_run):
-    one_line_error(lambda: init_from_lib.check_config(init_cfg(source=source_run.workdir, stage="unet")),
-                   "single-stage", "clear the stage")
+    msg = one_line_error(lambda: init_from_lib.check_config(init_cfg(source=source_run.workdir, stage="unet")),
+                         "single-stage", "clear the stage")
+    assert "unet" in msg, msg
 
 
 def test_multi_stage_configs_set_init_from_per_stage(source_run):

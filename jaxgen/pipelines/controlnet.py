@@ -309,10 +309,12 @@ class StableDiffusionControlNetPipeline(StableDiffusionPipeline):
             raise DataError(f"control image (ControlNet {n}): float images must lie in [0, 1].")
         return x
 
+    # The inherited image-to-image and inpainting calls would run without the control: refused,
+    # since jaxgen has no ControlNet variant of them (diffusers' ...ControlNetImg2Img/Inpaint).
     def img2img(self, *args, **kwargs):
-        raise NotImplementedError("image-to-image with ControlNets (diffusers' StableDiffusionControlNetImg2Img"
+        raise ConfigError("image-to-image with ControlNets (diffusers' StableDiffusionControlNetImg2Img"
                                   "Pipeline) is not implemented; call the pipeline for text-to-image.")
 
     def inpaint(self, *args, **kwargs):
-        raise NotImplementedError("inpainting with ControlNets (diffusers' StableDiffusionControlNetInpaint"
+        raise ConfigError("inpainting with ControlNets (diffusers' StableDiffusionControlNetInpaint"
                                   "Pipeline) is not implemented; call the pipeline for text-to-image.")

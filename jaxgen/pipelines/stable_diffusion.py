@@ -60,6 +60,7 @@ difference there); no safety checker.
 """
 from __future__ import annotations
 
+import abc
 import collections
 import dataclasses
 import functools
@@ -113,7 +114,7 @@ class _Plan:
     control: LoopControl | None = None   # extra U-Net inputs per step (ControlNet residuals)
 
 
-class LoopControl:
+class LoopControl(abc.ABC):
     """A hook of the denoising loop (static: hashable, part of the compiled program's key) that
     adds keyword arguments to every U-Net call, e.g. ControlNet residuals.
 
@@ -125,8 +126,9 @@ class LoopControl:
     Returns keyword arguments of ``UNet2DConditionModel.__call__`` for that batch (B or 2B).
     """
 
+    @abc.abstractmethod
     def unet_kwargs(self, inputs, x_in, t, i, context, cfg: bool) -> dict[str, Any]:
-        raise NotImplementedError
+        """The extra U-Net keyword arguments of one step (see the class docstring)."""
 
 
 class _PasteKnownRegion:
