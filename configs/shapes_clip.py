@@ -6,7 +6,8 @@ transformer (width 64, 2 layers) trained with CLIP's contrastive loss over the g
 temperature learned (logit_scale from log(1/0.07), clamped at log(100)), captions augmented with
 the dataset's six phrasings and the BPE vocabulary learned from them. ``python -m train.eval --workdir runs/shapes_clip`` reports
 zero-shot accuracy of colour, shape, size, position and the whole combination on the held-out
-combinations and the test split (prompt ensembles), and retrieval recall@1/5 on the test split.
+combinations, the test split and 1,800 renders by an independent rasteriser (prompt ensembles;
+docs/CLIP.md), and retrieval recall@1/5 on the test split.
 Arguments (comma-separated after ':'): tiny (seconds, for tests), canonical (train on the
 canonical caption only, no phrasing augmentation).
 """
@@ -77,6 +78,12 @@ def get_config(arg: str | None = None):
     c = clip_config("shapes", image_size=32, channels=3, patch_size=8, vocab_size=vocab,
                     heldout_split="heldout")
     c.data.augment_captions = "canonical" not in words
+    # continuous geometry within the spec (sub-pixel centres and widths, two rasterisers; generated
+    # in memory), 100 examples per training combination: zero-shot then holds on renders by
+    # another rasteriser (jaxgen.data.shapes_render; docs/ARCHITECTURE.md, CLIP runs)
+    c.data.options.geometry = "continuous"
+    c.data.options.num_examples = {"train": 100 * 162}
     if "tiny" in words:
         make_tiny_clip(c)
+        c.data.options.num_examples = {"train": 4 * 162}
     return c

@@ -19,6 +19,13 @@ _EXPORTS = {
     "scheduler_from_config": "jaxgen.diffusion.schedulers:scheduler_from_config",
     "StableDiffusionPipeline": "jaxgen.pipelines:StableDiffusionPipeline",
     "StableDiffusionControlNetPipeline": "jaxgen.pipelines:StableDiffusionControlNetPipeline",
+    "load_lora": "jaxgen.lora:load_lora",
+    "save_lora": "jaxgen.lora:save_lora",
+    "init_lora": "jaxgen.lora:init_lora",
+    "merge_lora": "jaxgen.lora:merge",
+    "TextToVideoSDPipeline": "jaxgen.pipelines:TextToVideoSDPipeline",
+    "StableDiffusionInstructPix2PixPipeline": "jaxgen.pipelines:StableDiffusionInstructPix2PixPipeline",
+    "StableDiffusionUpscalePipeline": "jaxgen.pipelines:StableDiffusionUpscalePipeline",
 }
 
 __all__ = sorted(_EXPORTS)

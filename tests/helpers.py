@@ -112,3 +112,29 @@ def tiny_sd_components(folder, size: int = 16, seed: int = 2) -> dict:
                                     clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     return dict(vae=vae, text_encoder=text, tokenizer=transformers.CLIPTokenizer.from_pretrained(tok_dir),
                 scheduler=sched, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def shared_tiny_ldm():
+    """A finished configs/shapes_ldm.py:tiny run, trained once per test session and shared by the
+    xdist workers (the families trained on a frozen base: ControlNet, InstructPix2Pix, upscaler,
+    LoRA). It lives beside the session's prepared data ($JAXGEN_DATA_DIR, which conftest.py sets
+    before the workers start); a file lock makes one worker train it while the others wait.
+    Returns the loaded Run."""
+    import fcntl
+    import importlib
+
+    from jaxgen.training.run import load_run
+    from jaxgen.training.trainer import train
+
+    root = os.path.join(os.path.dirname(os.environ["JAXGEN_DATA_DIR"].rstrip("/")), "shared-tiny-ldm")
+    os.makedirs(root, exist_ok=True)
+    workdir, done = os.path.join(root, "run"), os.path.join(root, "DONE")
+    with open(os.path.join(root, "lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not os.path.isfile(done):
+                train(importlib.import_module("configs.shapes_ldm").get_config("tiny"), workdir)
+                open(done, "w").close()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return load_run(workdir)

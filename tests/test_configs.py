@@ -17,7 +17,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
                  if not os.path.basename(p).startswith(("_", "common")))
 TRAINED_ELSEWHERE = {"shapes_ldm": "test_ldm.py", "digits_vqvae": "test_vqvae_training.py",
-                     "paired_colorize": "test_paired.py"}
+                     "shapes_controlnet": "test_controlnet_training.py", "shapes_ip2p": "test_ip2p_training.py",
+                     "shapes_upscale": "test_upscale_training.py", "shapes_lora": "test_lora_training.py",
+                     "paired_colorize": "test_paired.py", "shapes_video": "test_video_training.py"}
 
 
 def get_config(name, arg="tiny"):

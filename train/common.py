@@ -1,5 +1,6 @@
 """What the CLI entry points share: the one error rule (``run``), logging set-up and
-multi-process initialisation.
+multi-process initialisation; ``run`` also switches on the persistent compilation cache
+(jaxgen/compile_cache.py).
 
 Every entry point ends with ``common.run(main)``. A user error becomes one line, ``error: ...``
 on stderr, and exit status 2: a bad or missing flag, a misspelled ``--config.FIELD`` (with the
@@ -46,9 +47,11 @@ def fail(message: object) -> NoReturn:
 
 
 def _guarded(main, argv):
+    from jaxgen.compile_cache import enable_compilation_cache
     from jaxgen.errors import JaxgenError
 
     try:
+        enable_compilation_cache()           # jaxgen/compile_cache.py: $JAXGEN_COMPILATION_CACHE(_DIR)
         return main(argv)
     except (JaxgenError, app.UsageError) as e:
         fail(e)

@@ -3,7 +3,11 @@
 Writes the text-to-image run in DIR (e.g. configs/shapes_ldm.py) as one diffusers
 StableDiffusionPipeline folder: model_index.json, unet/, vae/, text_encoder/, tokenizer/,
 scheduler/ (jaxgen.pipelines.export). diffusers' StableDiffusionPipeline.from_pretrained(FOLDER)
-and jaxgen.StableDiffusionPipeline.from_pretrained(FOLDER) both load it.
+and jaxgen.StableDiffusionPipeline.from_pretrained(FOLDER) both load it. Runs trained on a frozen
+base write their own diffusers pipeline: a ControlNet run a StableDiffusionControlNetPipeline
+folder, an ip2p run a StableDiffusionInstructPix2PixPipeline folder, an upscale run a
+StableDiffusionUpscalePipeline folder, a LoRA run the base folder with lora/ (load it with
+pipe.load_lora_weights(FOLDER + "/lora")).
 """
 from __future__ import annotations
 
@@ -33,7 +37,12 @@ def main(argv):
     run = jaxgen.load_run(F.workdir, step=F.step)
     folder = export_stable_diffusion(run, F.out, overwrite=F.overwrite,
                                      dtype=np.float16 if F.float16 else None)
-    print(f"wrote {folder}: diffusers.StableDiffusionPipeline.from_pretrained({folder!r}) loads it")
+    import json
+    import os
+
+    with open(os.path.join(folder, "model_index.json"), encoding="utf-8") as f:
+        cls = json.load(f)["_class_name"]
+    print(f"wrote {folder}: diffusers.{cls}.from_pretrained({folder!r}) loads it")
 
 
 if __name__ == "__main__":

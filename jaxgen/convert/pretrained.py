@@ -32,6 +32,7 @@ TRANSFORMERS_VERSION = "4.57.0"
 CLASSES: dict[str, str] = {
     "UNet2DModel": "jaxgen.nn.unet:UNet2DModel",
     "UNet2DConditionModel": "jaxgen.nn.unet:UNet2DConditionModel",
+    "UNet3DConditionModel": "jaxgen.nn.unet3d:UNet3DConditionModel",
     "ControlNetModel": "jaxgen.nn.controlnet:ControlNetModel",
     "AutoencoderKL": "jaxgen.nn.vae:AutoencoderKL",
     "VQModel": "jaxgen.nn.vq:VQModel",

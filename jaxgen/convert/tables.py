@@ -5,8 +5,9 @@ jaxgen's modules name their submodules after the PyTorch attributes, so one rule
 * path segments join with ``.``; a segment ``name_N`` (a Linen list child) becomes ``name.N``
   unless it is a real PyTorch attribute named with a digit suffix (``KEEP_SUFFIX``);
 * leaves: ``kernel`` -> ``weight`` (Dense [in, out] -> Linear [out, in]; Conv [kh, kw, in, out]
-  -> Conv2d [out, in, kh, kw]); ``scale`` -> ``weight`` (norms); ``embedding`` -> ``weight``
-  (Embed); ``bias`` and any other leaf keep their name and layout.
+  -> Conv2d [out, in, kh, kw]; Conv [kt, kh, kw, in, out] -> Conv3d [out, in, kt, kh, kw]);
+  ``scale`` -> ``weight`` (norms); ``embedding`` -> ``weight`` (Embed); ``bias`` and any other
+  leaf keep their name and layout.
 
 A class adds its own explicit renames (``renames``: Flax key -> PyTorch key, after the rule) for
 what the rule cannot express. Conversion is strict both ways: every PyTorch key must be used,
@@ -43,7 +44,7 @@ def torch_key(path: tuple[str, ...], ndim: int) -> tuple[str, str]:
     prefix = ".".join(_segment(s) for s in mods)
     layout = "plain"
     if leaf == "kernel":
-        leaf, layout = "weight", {2: "linear", 4: "conv"}.get(ndim, "plain")
+        leaf, layout = "weight", {2: "linear", 4: "conv", 5: "conv3d"}.get(ndim, "plain")
         if layout == "plain":
             raise WeightError(f"{'/'.join(path)}: a kernel of rank {ndim} has no PyTorch layout rule.")
     elif leaf in ("scale", "embedding"):
@@ -56,6 +57,8 @@ def _to_torch_layout(x: np.ndarray, layout: str) -> np.ndarray:
         return x.T  # [in, out] -> [out, in]
     if layout == "conv":
         return x.transpose(3, 2, 0, 1)  # [kh, kw, in, out] -> [out, in, kh, kw]
+    if layout == "conv3d":
+        return x.transpose(4, 3, 0, 1, 2)  # [kt, kh, kw, in, out] -> [out, in, kt, kh, kw]
     return x
 
 
@@ -64,6 +67,8 @@ def _to_flax_layout(x: np.ndarray, layout: str) -> np.ndarray:
         return x.T
     if layout == "conv":
         return x.transpose(2, 3, 1, 0)  # [out, in, kh, kw] -> [kh, kw, in, out]
+    if layout == "conv3d":
+        return x.transpose(2, 3, 4, 1, 0)  # [out, in, kt, kh, kw] -> [kt, kh, kw, in, out]
     return x
 
 
@@ -107,7 +112,7 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], abstract_params: Mapping
         stored = np.asarray(state_dict[key])
         want = tuple(leaves[path].shape)
         # a layout transpose needs the rank it was written for: other ranks are mis-shaped too
-        rank_ok = layout == "plain" or stored.ndim == {"linear": 2, "conv": 4}[layout]
+        rank_ok = layout == "plain" or stored.ndim == {"linear": 2, "conv": 4, "conv3d": 5}[layout]
         value = _to_flax_layout(stored, layout) if rank_ok else stored
         if not rank_ok or tuple(value.shape) != want:
             bad_shape.append(f"{key}: file has {tuple(stored.shape)}, {owner} expects {want} (as {'/'.join(path)})")

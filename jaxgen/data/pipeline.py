@@ -94,3 +94,16 @@ def check_finite_images(x: np.ndarray, what: str) -> None:
             f"({int(bad.sum())} values); they would become black pixels. The parameters or the inputs "
             "are not finite: check the checkpoint (a run trained with nan_policy='stop' has finite "
             "ones) and that input images are uint8 or finite floats.")
+
+
+def box_downsample(images: np.ndarray, factor: int) -> np.ndarray:
+    """uint8 [N, H, W, C] -> uint8 [N, H/f, W/f, C]: the mean of each f x f block, rounded (the
+    low-resolution input of an upscaler)."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.dtype != np.uint8:
+        raise DataError(f"box_downsample takes uint8 images [N, H, W, C], got {images.dtype} {images.shape}.")
+    n, h, w, c = images.shape
+    if h % factor or w % factor:
+        raise DataError(f"images of {h}x{w} do not downsample by {factor}: the size must be a multiple of it.")
+    x = images.astype(np.float32).reshape(n, h // factor, factor, w // factor, factor, c).mean((2, 4))
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)

@@ -63,7 +63,19 @@ def load_dataset(name: str, split: str, data_dir: str | None = None, **options) 
     options, by dataset:
       shapes: seed (int, default 0): jitter seed; num_examples: int (size of the requested
         split) or {split: int}; defaults train 6,480, test 1,620, heldout 180. Each distinct
-        setting is prepared once, in its own directory.
+        setting is prepared once, in its own directory. masks (bool): add ds.arrays["mask"],
+        uint8 [N, 32, 32, 1], 255 on the shape, 0 elsewhere (a ControlNet's control image).
+        edits (bool): instruction-editing triplets (``shapes.edit_triplets``): each example's image
+        becomes ds.arrays["source"], ds.texts["instruction"] changes one attribute, and images,
+        captions, labels and attributes are those of the edited image.
+        geometry: "grid" (default, the generator's images as prepared by the TFDS builder) or
+        "continuous" (``shapes_render.continuous_split``, generated in memory: sub-pixel centres
+        and widths within the spec, half the generator's rasterisation, half pixel-centre
+        sampling; seed and num_examples as above; masks apply, edits and moving do not).
+        moving (int F >= 2): moving-shapes clips instead (``shapes.moving_clips``, generated in
+        memory, not by the TFDS builder; splits train and test, seed and num_examples as above):
+        ds.arrays["frames"] uint8 [N, F, 32, 32, 3], captions ("a red circle moving right"),
+        attributes shape/color/size/direction; no images or labels.
       folder (layouts in ``jaxgen.data.folder``):
         resolution: int or (height, width) for every image field, or {field: int or (h, w)}
           for some (the others keep their size): resize + center-crop.
@@ -103,7 +115,7 @@ def load_dataset(name: str, split: str, data_dir: str | None = None, **options) 
         _check_options(name, options, ())
         return _load_digits(split, data_dir or default_data_dir())
     if name == "shapes":
-        _check_options(name, options, ("seed", "num_examples"))
+        _check_options(name, options, ("seed", "num_examples", "masks", "edits", "moving", "geometry"))
         return _load_shapes(split, data_dir or default_data_dir(), **options)
     if name == "photos":
         _check_options(name, options, ())
@@ -234,7 +246,8 @@ def _load_photos(split: str, data_dir: str) -> ArrayDataset:
     )
 
 
-def _load_shapes(split: str, data_dir: str, seed: int = 0, num_examples=None) -> ArrayDataset:
+def _load_shapes(split: str, data_dir: str, seed: int = 0, num_examples=None, masks: bool = False,
+                 edits: bool = False, moving=None, geometry: str = "grid") -> ArrayDataset:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise DataError(f"shapes seed must be an int >= 0, got {seed!r}")
     if num_examples is None:
@@ -253,19 +266,75 @@ def _load_shapes(split: str, data_dir: str, seed: int = 0, num_examples=None) ->
             raise DataError(f"num_examples entries must map a split in {shapes.SPLITS} to an int >= 1, "
                             f"got {s!r}: {c!r}")
     counts = {s: int(c) for s, c in counts.items()}
+    if geometry != "grid":
+        return _load_continuous_shapes(split, int(seed), counts.get(split), geometry, masks,
+                                       edits or moving is not None)
+    if moving is not None:
+        return _load_moving_shapes(split, int(seed), counts.get(split), moving, masks or edits)
     builder = prepare_embedded("shapes", data_dir, seed=int(seed), num_examples=counts)
     examples = _ordered(_read_all(builder, split, "shapes"))
     n = len(examples)
+    for option, value in (("masks", masks), ("edits", edits)):
+        if not isinstance(value, (bool, np.bool_)):
+            raise DataError(f"shapes option {option}={value!r} must be True or False.")
+    images = np.stack([e["image"] for e in examples]) if n else np.zeros((0, 32, 32, 3), np.uint8)
+    captions = [e["caption"].decode("utf-8") for e in examples]
+    attributes = {a: np.asarray([e[a] for e in examples], np.int32) for a in shapes.ATTRIBUTES}
+    labels = np.asarray([e["label"] for e in examples], np.int32)
+    arrays, texts = {}, {}
+    if edits:
+        jitter = np.asarray([e["jitter"] for e in examples], np.int32).reshape(n, 3)
+        trip = shapes.edit_triplets({**attributes, "jitter": jitter}, int(seed), split)
+        arrays["source"], texts["instruction"] = trip["source"], trip["instruction"]
+        images, captions, attributes = trip["image"], trip["caption"], trip["target"]
+        labels = shapes.combination_index(*(attributes[a] for a in shapes.ATTRIBUTES))
+    if masks:
+        arrays["mask"] = shapes.shape_masks(images)
     return ArrayDataset(
-        images=np.stack([e["image"] for e in examples]) if n else np.zeros((0, 32, 32, 3), np.uint8),
-        labels=np.asarray([e["label"] for e in examples], np.int32),
-        captions=[e["caption"].decode("utf-8") for e in examples],
-        attributes={a: np.asarray([e[a] for e in examples], np.int32) for a in shapes.ATTRIBUTES},
+        images=images,
+        arrays=arrays,
+        texts=texts,
+        labels=labels,
+        captions=captions,
+        attributes=attributes,
         name="shapes",
         split=split,
         num_classes=shapes.NUM_COMBINATIONS,
         class_names=shapes.CLASS_NAMES,
     )
+
+
+def _load_moving_shapes(split: str, seed: int, num, num_frames, other_options: bool) -> ArrayDataset:
+    """shapes with moving=F: ``shapes.moving_clips`` of the split (default size as the images')."""
+    if isinstance(num_frames, bool) or not isinstance(num_frames, (int, np.integer)) or num_frames < 2:
+        raise DataError(f"shapes option moving={num_frames!r}: give the clips' frame count, an int >= 2.")
+    if other_options:
+        raise DataError("shapes option moving=F makes clips; masks and edits apply to images: drop them.")
+    if split not in ("train", "test"):
+        raise DataError(f"moving shapes have splits 'train' and 'test' (no held-out combinations), not {split!r}.")
+    clips = shapes.moving_clips(shapes.DEFAULT_NUM_EXAMPLES[split] if num is None else num, seed, int(num_frames),
+                                split=split)
+    return ArrayDataset(arrays={"frames": clips["frames"]}, captions=clips["caption"],
+                        attributes={a: clips[a] for a in shapes.CLIP_ATTRIBUTES}, name="shapes", split=split)
+
+
+def _load_continuous_shapes(split: str, seed: int, num, geometry, masks, other_options: bool) -> ArrayDataset:
+    """shapes with geometry="continuous": ``shapes_render.continuous_split`` of the split, in memory."""
+    from jaxgen.data import shapes_render
+
+    if geometry not in shapes_render.GEOMETRIES:
+        raise DataError(f"shapes option geometry={geometry!r}: use one of {shapes_render.GEOMETRIES}.")
+    if other_options:
+        raise DataError("shapes option geometry='continuous' draws single images: drop edits and moving.")
+    if not isinstance(masks, (bool, np.bool_)):
+        raise DataError(f"shapes option masks={masks!r} must be True or False.")
+    if split not in shapes.SPLITS:
+        raise DataError(f"shapes has splits {shapes.SPLITS}, not {split!r}.")
+    data = shapes_render.continuous_split(split, num, seed)
+    return ArrayDataset(images=data["image"], arrays={"mask": shapes.shape_masks(data["image"])} if masks else {},
+                        labels=data["label"], captions=data["caption"],
+                        attributes={a: data[a] for a in shapes.ATTRIBUTES}, name="shapes", split=split,
+                        num_classes=shapes.NUM_COMBINATIONS, class_names=shapes.CLASS_NAMES)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ import numpy as np
 from jaxgen.errors import ConfigError
 from jaxgen.nn.activations import DIFFUSERS_ACTIVATION_NAMES, activation, exact_gelu, tanh_gelu
 from jaxgen.nn.attention import IMPLEMENTATIONS, dot_product_attention
+from jaxgen.nn.attention_control import controlled_attention
 
 Dtype = Any
 
@@ -349,6 +350,9 @@ class Attention(nn.Module):
     ``group_norm`` (norm_num_groups) normalises the input before to_q/to_k/to_v.
     Logits and softmax are always computed in float32, so ``upcast_attention`` / ``upcast_softmax``
     are accepted for compatibility and change nothing.
+    attention_control: None (the attention kernel, unchanged), or an AttentionSite
+    (jaxgen.nn.attention_control): the probabilities are then formed explicitly (float32 softmax)
+    and passed through its controller before they weight the values (Prompt-to-Prompt).
     """
 
     heads: int = 8
@@ -369,7 +373,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, hidden_states: jax.Array, encoder_hidden_states: jax.Array | None = None,
-                 mask: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
+                 mask: jax.Array | None = None, deterministic: bool = True, *, attention_control=None) -> jax.Array:
         _check_impl(self.attention_impl)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = hidden_states.astype(self.dtype)
@@ -390,8 +394,13 @@ class Attention(nn.Module):
         v = v.reshape(batch, -1, self.heads, self.dim_head)
         if mask is not None:
             mask = jnp.asarray(mask, bool)[:, None, None, :]  # [B, 1, 1, Lk]
-        o = dot_product_attention(q, k, v, mask=mask, scale=self.dim_head ** -0.5 if self.scale_qk else 1.0,
-                                  implementation=self.attention_impl, upcast=True)
+        scale = self.dim_head ** -0.5 if self.scale_qk else 1.0
+        if attention_control is None:
+            o = dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=self.attention_impl,
+                                      upcast=True)
+        else:
+            o = controlled_attention(q, k, v, attention_control, is_cross=encoder_hidden_states is not None,
+                                     mask=mask, scale=scale)
         o = o.reshape(batch, length, inner)
         o = nn.Dense(query_dim, use_bias=self.out_bias, name="to_out_0", **kw)(o)
         o = nn.Dropout(self.dropout)(o, deterministic=deterministic)
@@ -532,6 +541,7 @@ class BasicTransformerBlock(nn.Module):
     x += attn1(norm1(x)) (cross-attention to the encoder states when only_cross_attention);
     x += attn2(norm2(x), encoder states) when cross_attention_dim is set (self-attention with
     double_self_attention); x += ff(norm3(x)). LayerNorms use norm_eps.
+    attention_control: None, or an AttentionSite handed to attn1 and attn2 (see Attention).
     """
 
     num_attention_heads: int
@@ -555,8 +565,10 @@ class BasicTransformerBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, encoder_hidden_states: jax.Array | None = None,
-                 encoder_attention_mask: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
+                 encoder_attention_mask: jax.Array | None = None, deterministic: bool = True, *,
+                 attention_control=None) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        ac = {} if attention_control is None else {"attention_control": attention_control}
         attn = dict(heads=self.num_attention_heads, dim_head=self.attention_head_dim, bias=self.attention_bias,
                     out_bias=self.attention_out_bias, upcast_attention=self.upcast_attention,
                     dropout=self.dropout, attention_impl=self.attention_impl, **kw)
@@ -566,11 +578,11 @@ class BasicTransformerBlock(nn.Module):
 
         context1 = encoder_hidden_states if self.only_cross_attention else None
         mask1 = encoder_attention_mask if self.only_cross_attention else None
-        x = x + Attention(name="attn1", **attn)(norm("norm1")(x), context1, mask1, deterministic)
+        x = x + Attention(name="attn1", **attn)(norm("norm1")(x), context1, mask1, deterministic, **ac)
         if self.cross_attention_dim is not None or self.double_self_attention:
             context2 = None if self.double_self_attention else encoder_hidden_states
             mask2 = None if self.double_self_attention else encoder_attention_mask
-            x = x + Attention(name="attn2", **attn)(norm("norm2")(x), context2, mask2, deterministic)
+            x = x + Attention(name="attn2", **attn)(norm("norm2")(x), context2, mask2, deterministic, **ac)
         ff = FeedForward(dropout=self.dropout, activation_fn=self.activation_fn, final_dropout=self.final_dropout,
                          inner_dim=self.ff_inner_dim, bias=self.ff_bias, name="ff", **kw)
         return x + ff(norm("norm3")(x), deterministic)
@@ -583,6 +595,8 @@ class Transformer2DModel(nn.Module):
     when use_linear_projection) -> transformer_blocks -> proj_out -> + x.
     encoder_hidden_states: [B, L, cross_attention_dim]; encoder_attention_mask: bool [B, L] or None.
     Inner width num_attention_heads * attention_head_dim.
+    attention_control: None, or an AttentionSite whose ``layer`` is the block's attention index a;
+    transformer_blocks_j get layer a * num_layers + j (see jaxgen.nn.attention_control).
     """
 
     num_attention_heads: int = 16
@@ -606,7 +620,8 @@ class Transformer2DModel(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, encoder_hidden_states: jax.Array | None = None,
-                 encoder_attention_mask: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
+                 encoder_attention_mask: jax.Array | None = None, deterministic: bool = True, *,
+                 attention_control=None) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = x.astype(self.dtype)
         b, h, w, c = x.shape
@@ -619,6 +634,8 @@ class Transformer2DModel(nn.Module):
         else:
             y = conv2d(inner, 1, padding=0, name="proj_in", **kw)(y).reshape(b, h * w, inner)
         for i in range(self.num_layers):
+            ac = {} if attention_control is None else {"attention_control": attention_control.at(
+                layer=(attention_control.layer or 0) * self.num_layers + i)}
             y = BasicTransformerBlock(
                 self.num_attention_heads, self.attention_head_dim, dropout=self.dropout,
                 cross_attention_dim=self.cross_attention_dim, activation_fn=self.activation_fn,
@@ -626,7 +643,7 @@ class Transformer2DModel(nn.Module):
                 double_self_attention=self.double_self_attention, upcast_attention=self.upcast_attention,
                 norm_elementwise_affine=self.norm_elementwise_affine, norm_eps=self.norm_eps,
                 attention_impl=self.attention_impl, name=f"transformer_blocks_{i}", **kw,
-            )(y, encoder_hidden_states, encoder_attention_mask, deterministic)
+            )(y, encoder_hidden_states, encoder_attention_mask, deterministic, **ac)
         if self.use_linear_projection:
             y = nn.Dense(out_channels, name="proj_out", **kw)(y).reshape(b, h, w, out_channels)
         else:

@@ -148,16 +148,18 @@ class CrossAttnDownBlock2D(_CrossAttnFields, DownBlock2D):
     """DownBlock2D with a Transformer2DModel (num_attention_heads heads) after each resnet.
 
     encoder_hidden_states: [B, L, cross_attention_dim]; encoder_attention_mask: bool [B, L] or None.
+    attention_control: None, or an AttentionSite (jaxgen.nn.attention_control); attentions_i get layer i.
     """
 
     @nn.compact
     def __call__(self, x, temb, encoder_hidden_states=None, encoder_attention_mask=None,
-                 deterministic: bool = True):
+                 deterministic: bool = True, *, attention_control=None):
         skips = []
         for i in range(self.num_layers):
             x = self.resnet(f"resnets_{i}")(x, temb, deterministic)
             x = self.transformer(self, i, f"attentions_{i}", self.only_cross_attention)(
-                x, encoder_hidden_states, encoder_attention_mask, deterministic)
+                x, encoder_hidden_states, encoder_attention_mask, deterministic,
+                **_at(attention_control, layer=i))
             skips.append(x)
         if self.add_downsample:
             x = self.downsample(x, temb, deterministic)
@@ -208,16 +210,17 @@ class AttnUpBlock2D(UpBlock2D):
 
 
 class CrossAttnUpBlock2D(_CrossAttnFields, UpBlock2D):
-    """UpBlock2D with a Transformer2DModel after each resnet."""
+    """UpBlock2D with a Transformer2DModel after each resnet (attention_control: as CrossAttnDownBlock2D)."""
 
     @nn.compact
     def __call__(self, x, skips, temb, encoder_hidden_states=None, encoder_attention_mask=None,
-                 upsample_size=None, deterministic: bool = True):
+                 upsample_size=None, deterministic: bool = True, *, attention_control=None):
         for i in range(self.num_layers):
             x = jnp.concatenate([x, skips[-1 - i].astype(x.dtype)], axis=-1)
             x = self.resnet(f"resnets_{i}")(x, temb, deterministic)
             x = self.transformer(self, i, f"attentions_{i}", self.only_cross_attention)(
-                x, encoder_hidden_states, encoder_attention_mask, deterministic)
+                x, encoder_hidden_states, encoder_attention_mask, deterministic,
+                **_at(attention_control, layer=i))
         if self.add_upsample:
             x = self.upsample(x, temb, upsample_size, deterministic)
         return x
@@ -227,15 +230,17 @@ class UNetMidBlock2DCrossAttn(_CrossAttnFields, _Block):
     """resnets.0, then (attentions.i = Transformer2DModel, resnets.i+1) for i < num_layers.
 
     x: [B, h, w, C] -> same shape. (diffusers gives the mid block no only_cross_attention.)
+    attention_control: as CrossAttnDownBlock2D.
     """
 
     @nn.compact
     def __call__(self, x, temb, encoder_hidden_states=None, encoder_attention_mask=None,
-                 deterministic: bool = True):
+                 deterministic: bool = True, *, attention_control=None):
         x = self.resnet("resnets_0")(x, temb, deterministic)
         for i in range(self.num_layers):
             x = self.transformer(self, i, f"attentions_{i}", False)(
-                x, encoder_hidden_states, encoder_attention_mask, deterministic)
+                x, encoder_hidden_states, encoder_attention_mask, deterministic,
+                **_at(attention_control, layer=i))
             x = self.resnet(f"resnets_{i + 1}")(x, temb, deterministic)
         return x
 
@@ -243,6 +248,12 @@ class UNetMidBlock2DCrossAttn(_CrossAttnFields, _Block):
 # ------------------------------------------------------------------------------------------------
 # shared model plumbing
 # ------------------------------------------------------------------------------------------------
+def _at(attention_control, **where) -> dict:
+    """{"attention_control": the site with ``where`` set}, or {} without attention control (so
+    the uncontrolled call is exactly the call without the keyword)."""
+    return {} if attention_control is None else {"attention_control": attention_control.at(**where)}
+
+
 def _per_block(value, n: int, field: str, owner: str) -> tuple:
     """An int/bool/None field, or a tuple with one entry per block, as an n-tuple."""
     if isinstance(value, (tuple, list)):
@@ -604,10 +615,12 @@ class CrossAttnEncoder:
         return conv2d(self.block_out_channels[0], self.conv_in_kernel, padding=pad, name="conv_in",
                       dtype=self.dtype, param_dtype=self.param_dtype)(x)
 
-    def _down(self, x, emb, ctx, encoder_attention_mask, deterministic: bool) -> tuple[jax.Array, list]:
+    def _down(self, x, emb, ctx, encoder_attention_mask, deterministic: bool, *,
+              attention_control=None) -> tuple[jax.Array, list]:
         """The down blocks. x: conv_in's output [B, H, W, C0]; ctx: [B, L, cross_attention_dim].
         Returns (x at the lowest resolution, skips): skips[0] is x itself, then every resnet's and
-        downsampler's output, in order (what the up path consumes and a ControlNet adds to)."""
+        downsampler's output, in order (what the up path consumes and a ControlNet adds to).
+        attention_control: None or an AttentionSite (place "down", block i)."""
         boc, n = self.block_out_channels, len(self.block_out_channels)
         per = self._per_block_settings()
         common, cross = self._block_kwargs()
@@ -620,7 +633,8 @@ class CrossAttnEncoder:
                     downsample_padding=self.downsample_padding, num_attention_heads=per["heads"][i],
                     transformer_layers_per_block=per["tlayers"][i], only_cross_attention=per["only_cross"][i],
                     name=f"down_blocks_{i}", **cross, **common,
-                )(x, emb, ctx, encoder_attention_mask, deterministic)
+                )(x, emb, ctx, encoder_attention_mask, deterministic,
+                  **_at(attention_control, place="down", block=i))
             else:
                 x, res = DownBlock2D(boc[i], num_layers=per["layers"][i], add_downsample=not last,
                                      downsample_padding=self.downsample_padding, name=f"down_blocks_{i}",
@@ -628,15 +642,17 @@ class CrossAttnEncoder:
             skips.extend(res)
         return x, skips
 
-    def _mid(self, x, emb, ctx, encoder_attention_mask, deterministic: bool) -> jax.Array:
-        """The mid block (mid_block_type; None: x unchanged). x: [B, h, w, C_last] -> same shape."""
+    def _mid(self, x, emb, ctx, encoder_attention_mask, deterministic: bool, *, attention_control=None) -> jax.Array:
+        """The mid block (mid_block_type; None: x unchanged). x: [B, h, w, C_last] -> same shape.
+        attention_control: None or an AttentionSite (place "mid", block 0)."""
         common, cross = self._block_kwargs()
         per = self._per_block_settings()
         if self.mid_block_type == "UNetMidBlock2DCrossAttn":
             return UNetMidBlock2DCrossAttn(self.block_out_channels[-1], output_scale_factor=self.mid_block_scale_factor,
                                            num_attention_heads=per["heads"][-1],
                                            transformer_layers_per_block=per["tlayers"][-1], name="mid_block",
-                                           **cross, **common)(x, emb, ctx, encoder_attention_mask, deterministic)
+                                           **cross, **common)(x, emb, ctx, encoder_attention_mask, deterministic,
+                                                              **_at(attention_control, place="mid", block=0))
         if self.mid_block_type == "UNetMidBlock2D":
             return UNetMidBlock2D(num_layers=0, add_attention=False, resnet_eps=self.norm_eps,
                                   resnet_act_fn=self.act_fn, resnet_groups=self.norm_num_groups,
@@ -666,7 +682,9 @@ class UNet2DConditionModel(nn.Module, CrossAttnEncoder, _DiffusersUNet):
       timestep_cond: [B, time_cond_proj_dim]; added_cond_kwargs (addition_embed_type="text_time"):
       {"text_embeds": [B, D_text], "time_ids": [B, N]}; deterministic=False applies dropout with the
       "dropout" rng; keyword-only down_block_additional_residuals (one array per down-path skip)
-      and mid_block_additional_residual: a ControlNet's residuals, added as diffusers adds them.
+      and mid_block_additional_residual: a ControlNet's residuals, added as diffusers adds them;
+      keyword-only attention_control: None, or an AttentionSite whose controller sees every
+      attention layer's probabilities (jaxgen.nn.attention_control.apply_controlled; Prompt-to-Prompt).
     attention_head_dim is the NUMBER OF HEADS per block (int or one per block), as in diffusers;
     num_attention_heads, if set, takes precedence (saved as attention_head_dim, which diffusers reads).
     """
@@ -779,7 +797,7 @@ class UNet2DConditionModel(nn.Module, CrossAttnEncoder, _DiffusersUNet):
     def __call__(self, sample, timestep, encoder_hidden_states, class_labels=None, timestep_cond=None,
                  added_cond_kwargs: Mapping[str, jax.Array] | None = None, encoder_attention_mask=None,
                  deterministic: bool = True, *, down_block_additional_residuals: Sequence[jax.Array] | None = None,
-                 mid_block_additional_residual: jax.Array | None = None):
+                 mid_block_additional_residual: jax.Array | None = None, attention_control=None):
         """down_block_additional_residuals / mid_block_additional_residual (ControlNet, as diffusers):
         one array per down-path skip (conv_in's output, then every resnet and downsampler output,
         each broadcastable to that skip's [B, h, w, C]) added to the skips, and one added to the
@@ -816,10 +834,12 @@ class UNet2DConditionModel(nn.Module, CrossAttnEncoder, _DiffusersUNet):
             raise DataError(f"{name}: encoder_hidden_states must be [B, L, D], got shape {tuple(ctx.shape)}.")
 
         # 2. down (+ a ControlNet's residuals), 3. mid
-        x, skips = self._down(self._conv_in(x), emb, ctx, encoder_attention_mask, deterministic)
+        x, skips = self._down(self._conv_in(x), emb, ctx, encoder_attention_mask, deterministic,
+                              **({} if attention_control is None else {"attention_control": attention_control}))
         if down_block_additional_residuals is not None:
             skips = _add_residuals(skips, down_block_additional_residuals, name)
-        x = self._mid(x, emb, ctx, encoder_attention_mask, deterministic)
+        x = self._mid(x, emb, ctx, encoder_attention_mask, deterministic,
+                      **({} if attention_control is None else {"attention_control": attention_control}))
         if mid_block_additional_residual is not None:
             x = x + jnp.asarray(mid_block_additional_residual).astype(x.dtype)
 
@@ -839,7 +859,8 @@ class UNet2DConditionModel(nn.Module, CrossAttnEncoder, _DiffusersUNet):
                     rev[i], num_layers=k, add_upsample=not last, num_attention_heads=rev_heads[i],
                     transformer_layers_per_block=rev_tlayers[i], only_cross_attention=rev_only[i],
                     name=f"up_blocks_{i}", **cross, **common,
-                )(x, res, emb, ctx, encoder_attention_mask, size, deterministic)
+                )(x, res, emb, ctx, encoder_attention_mask, size, deterministic,
+                  **_at(attention_control, place="up", block=i))
             else:
                 x = UpBlock2D(rev[i], num_layers=k, add_upsample=not last, name=f"up_blocks_{i}", **common)(
                     x, res, emb, size, deterministic)

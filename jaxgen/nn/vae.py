@@ -31,6 +31,7 @@ from typing import Any, ClassVar, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxgen.convert.config import all_in, is_int
 from jaxgen.convert.pretrained import Pretrained
@@ -473,3 +474,27 @@ class AutoencoderKL(nn.Module, DiffusersAutoencoder):
         z = posterior.sample(key) if sample_posterior else posterior.mode()
         out = self.decode(z, deterministic)
         return (out, posterior) if return_posterior else out
+
+
+def rescale_latent_space(vae: AutoencoderKL, params: Mapping[str, Any], ratio: float) -> dict:
+    """Parameters of the same autoencoder with its latents multiplied by ``ratio``: encode gives
+    a posterior whose mean is ratio x the old one (its std too: the log-variance moves by
+    2 ln ratio), and decode(ratio z) is the old decode(z). Exact up to the log-variance clamp.
+
+    Used to hand a pipeline that imposes its own scaling_factor (diffusers' upscaler: 0.08333)
+    latents scaled by another factor s: ratio = s / imposed. Needs quant_conv and post_quant_conv.
+    """
+    if not (vae.use_quant_conv and vae.use_post_quant_conv):
+        raise ConfigError("rescale_latent_space needs an AutoencoderKL with use_quant_conv and use_post_quant_conv "
+                          "(the 1x1 convolutions that absorb the scale).")
+    r = float(ratio)
+    if not r > 0 or not np.isfinite(r):
+        raise ConfigError(f"rescale_latent_space: ratio={ratio!r} must be a positive finite number.")
+    c = int(vae.latent_channels)
+    out = jax.tree_util.tree_map(lambda a: np.array(jax.device_get(a)), dict(params))
+    q = out["quant_conv"]
+    q["kernel"][..., :c] *= r
+    q["bias"][:c] *= r
+    q["bias"][c:] += 2.0 * np.log(r)
+    out["post_quant_conv"]["kernel"] /= r
+    return out

@@ -16,9 +16,14 @@ StableDiffusionImg2ImgPipeline / StableDiffusionInpaintPipeline are the same obj
 docs/CONTROLNET.md.
 """
 from jaxgen.pipelines.controlnet import StableDiffusionControlNetPipeline
+from jaxgen.pipelines.text_to_video import TextToVideoSDPipeline
+from jaxgen.pipelines.instruct_pix2pix import StableDiffusionInstructPix2PixPipeline
+from jaxgen.pipelines.upscale import StableDiffusionUpscalePipeline, upscale_condition
 from jaxgen.pipelines.stable_diffusion import (StableDiffusionImg2ImgPipeline,
                                                StableDiffusionInpaintPipeline,
                                                StableDiffusionPipeline, rescale_guidance)
 
 __all__ = ["StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline",
-           "StableDiffusionInpaintPipeline", "StableDiffusionControlNetPipeline", "rescale_guidance"]
+           "StableDiffusionInpaintPipeline", "StableDiffusionControlNetPipeline", "rescale_guidance",
+           "StableDiffusionInstructPix2PixPipeline",
+           "StableDiffusionUpscalePipeline", "upscale_condition"]

@@ -20,6 +20,13 @@ The folder is diffusers' ``save_pretrained`` layout:
     scheduler/         scheduler_config.json: the run's default sampler (to_config of the jaxgen
                        scheduler, built from the training schedule)
 
+Runs trained on a frozen base write their own pipeline class (``components["pipeline_class"]``)
+and parts: a ControlNet run adds controlnet/ (StableDiffusionControlNetPipeline), an
+InstructPix2Pix run writes its 8-channel unet/ (StableDiffusionInstructPix2PixPipeline), an
+upscale run its 7-channel unet/, low_res_scheduler/ and max_noise_level
+(StableDiffusionUpscalePipeline), a LoRA run the base folder plus lora/pytorch_lora_weights.safetensors
+(diffusers' ``pipe.load_lora_weights(folder + "/lora")``).
+
 A run can be exported when its task offers ``pipeline_components(params)`` (the ldm task does).
 Those components are also what the run samples with: the ldm task's ``run.sample`` is a
 ``jaxgen.StableDiffusionPipeline`` of them (``LDMTask.pipeline``), so the folder written here
@@ -60,19 +67,46 @@ def check_scheduler(scheduler) -> None:
                           f"as the run does. Train with sampling.scheduler_config setting {want}.")
 
 
+def model_components(components: dict[str, Any]) -> list[str]:
+    """The names of the model entries of ``components``: unet, vae, text_encoder, then any other
+    (module, params) pair (a ControlNet, ...)."""
+    for name in MODEL_COMPONENTS:
+        if name not in components:
+            raise ConfigError(f"the run's pipeline components lack {name!r}; a Stable Diffusion folder needs "
+                              f"{', '.join(MODEL_COMPONENTS)}.")
+    others = [k for k, v in components.items() if k not in MODEL_COMPONENTS and isinstance(v, tuple)
+              and len(v) == 2 and hasattr(v[0], "pt_class_name")]
+    return list(MODEL_COMPONENTS) + sorted(others)
+
+
 def model_index(components: dict[str, Any]) -> dict[str, Any]:
     """The model_index.json dict of a StableDiffusionPipeline with ``components`` (as returned by
-    a task's ``pipeline_components``): diffusers' own layout, no safety checker."""
-    index: dict[str, Any] = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": DIFFUSERS_VERSION}
+    a task's ``pipeline_components``): diffusers' own layout, no safety checker. The class is
+    components["pipeline_class"] when given (e.g. "StableDiffusionControlNetPipeline"), and every
+    further (module, params) entry (e.g. "controlnet") is listed with its library and class."""
+    index: dict[str, Any] = {"_class_name": components.get("pipeline_class", "StableDiffusionPipeline"),
+                             "_diffusers_version": DIFFUSERS_VERSION}
     for name in NULL_COMPONENTS:
         index[name] = [None, None]
     index["requires_safety_checker"] = False
     index["scheduler"] = ["diffusers", type(components["scheduler"]).__name__]
-    for name, library in MODEL_COMPONENTS.items():
+    for name in model_components(components):
         module, _ = components[name]
-        index[name] = [library, module.pt_class_name()]
+        index[name] = [module.pt_library, module.pt_class_name()]
     index["tokenizer"] = ["transformers", "CLIPTokenizer"]
+    for name in extra_schedulers(components):
+        index[name] = ["diffusers", type(components[name]).__name__]
+    for name, value in components.items():
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool) and name != "pipeline_class":
+            index[name] = value                    # plain pipeline options, e.g. max_noise_level
     return dict(sorted(index.items()))
+
+
+def extra_schedulers(components: dict[str, Any]) -> list[str]:
+    """Scheduler entries besides "scheduler" (e.g. the upscaler's "low_res_scheduler")."""
+    from jaxgen.diffusion.schedulers.base import Scheduler
+
+    return sorted(k for k, v in components.items() if k != "scheduler" and isinstance(v, Scheduler))
 
 
 def export_stable_diffusion(run, folder: str | os.PathLike, *, overwrite: bool = False,
@@ -105,11 +139,17 @@ def export_stable_diffusion(run, folder: str | os.PathLike, *, overwrite: bool =
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}-", dir=parent)
     try:
-        for name in MODEL_COMPONENTS:
+        for name in model_components(components):
             module, params = components[name]
             save_pretrained(module, params, os.path.join(tmp, name), dtype=dtype)
         components["tokenizer"].save(os.path.join(tmp, "tokenizer"))
         components["scheduler"].save_config(os.path.join(tmp, "scheduler"))
+        for name in extra_schedulers(components):
+            components[name].save_config(os.path.join(tmp, name))
+        if "lora" in components:       # a LoRA run: its adapters beside the base, in diffusers' layout
+            from jaxgen.lora import save_lora
+
+            save_lora(os.path.join(tmp, "lora"), components["lora"])
         with open(os.path.join(tmp, MODEL_INDEX), "w", encoding="utf-8") as f:
             json.dump(model_index(components), f, indent=2)
             f.write("\n")

@@ -51,7 +51,8 @@ the parameters are replicated and the image batch is sharded over ``batch_axis``
 per-step U-Net inputs with a ``LoopControl`` hook (jaxgen/pipelines/controlnet.py: ControlNets).
 
 Deliberate differences from diffusers: prompts are the only text input (no prompt_embeds, no
-clip_skip, no LoRA scale, no IP-Adapter); images and masks must already have the output size
+clip_skip, no call-time LoRA scale: LoRA weights are set with set_adapters / fuse_lora, see
+jaxgen/lora.py; no IP-Adapter); images and masks must already have the output size
 (diffusers resizes them: resize first); a single negative prompt applies to every prompt
 (diffusers raises for batches); with one input image per prompt and num_images_per_prompt > 1,
 image i stays with prompt i (diffusers tiles the images, pairing image 0 with prompt 1);
@@ -72,12 +73,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgen.compile_cache import enable_compilation_cache
 from jaxgen.convert.config import read_json
 from jaxgen.convert.pretrained import load_pretrained
 from jaxgen.diffusion.sampling import sample_loop
 from jaxgen.diffusion.schedulers import scheduler_from_config
 from jaxgen.diffusion.schedulers.base import SCHEDULER_CONFIG_NAME, Scheduler
 from jaxgen.errors import ConfigError, DataError
+from jaxgen.lora import LoraLoaderMixin, materialize
 from jaxgen.tokenizer import CLIPTokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -129,6 +132,12 @@ class LoopControl(abc.ABC):
     @abc.abstractmethod
     def unet_kwargs(self, inputs, x_in, t, i, context, cfg: bool) -> dict[str, Any]:
         """The extra U-Net keyword arguments of one step (see the class docstring)."""
+
+    def unet_input(self, inputs, x_in, t, i, context) -> jax.Array:
+        """The U-Net's sample of one step, [B, h, w, C'] (called after ``unet_kwargs``, before
+        guidance doubles the batch): x_in unchanged by default; the upscaler concatenates its
+        noised low-res image on the channel axis (jaxgen.pipelines.upscale)."""
+        return x_in
 
 
 class _PasteKnownRegion:
@@ -280,7 +289,7 @@ def _expand(x: jax.Array, batch: int) -> jax.Array:
 # ------------------------------------------------------------------------------------------------
 # the pipeline
 # ------------------------------------------------------------------------------------------------
-class StableDiffusionPipeline:
+class StableDiffusionPipeline(LoraLoaderMixin):
     """Stable Diffusion with a UNet2DConditionModel, an AutoencoderKL, a CLIPTextModel, CLIP's
     tokenizer and any jaxgen scheduler.
 
@@ -307,14 +316,12 @@ class StableDiffusionPipeline:
         mesh, batch_axis: shard the image batch over ``mesh.axis_names[batch_axis]`` (default the
             mesh's first axis); parameters are replicated over the mesh.
         """
+        enable_compilation_cache()               # jaxgen/compile_cache.py
         missing = set(self.PARAM_KEYS) - set(params)
         if missing:
             raise ConfigError(f"{type(self).__name__}: params lacks {sorted(missing)}; pass a dict with "
                               f"{', '.join(self.PARAM_KEYS)}.")
-        if unet.in_channels not in (4, 9) and unet.in_channels != vae.latent_channels:
-            raise ConfigError(f"StableDiffusionPipeline: the U-Net takes {unet.in_channels} channels; "
-                              f"expected the VAE's {vae.latent_channels} latent channels, or 9 "
-                              "(an inpainting U-Net).")
+        self._check_unet_channels(unet, vae)
         if getattr(unet, "time_cond_proj_dim", None) is not None:
             raise ConfigError("StableDiffusionPipeline: this U-Net has time_cond_proj_dim set (a "
                               "guidance-embedded / LCM U-Net); jaxgen's Stable Diffusion pipeline "
@@ -346,6 +353,14 @@ class StableDiffusionPipeline:
             params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
         self.params = params
 
+    def _check_unet_channels(self, unet, vae) -> None:
+        """ConfigError unless the U-Net's in_channels suit this pipeline's calls (a subclass feeding
+        the U-Net other channels, e.g. InstructPix2Pix's 8, overrides it)."""
+        if unet.in_channels not in (4, 9) and unet.in_channels != vae.latent_channels:
+            raise ConfigError(f"StableDiffusionPipeline: the U-Net takes {unet.in_channels} channels; "
+                              f"expected the VAE's {vae.latent_channels} latent channels, or 9 "
+                              "(an inpainting U-Net).")
+
     # -- loading ----------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None,
@@ -360,6 +375,26 @@ class StableDiffusionPipeline:
         """
         parts, _ = cls.load_components(folder, allow_pickle=allow_pickle)
         return cls(**parts, mesh=mesh, batch_axis=batch_axis)
+
+    @classmethod
+    def from_single_file(cls, path: str | os.PathLike, config, *, tokenizer=None, extract_ema: bool = False,
+                         allow_pickle: bool = False, mesh: jax.sharding.Mesh | None = None,
+                         batch_axis: str | None = None):
+        """Load an original (CompVis / Stability) single-file SD 1.x / 2.x checkpoint; ``config``
+        (a diffusers SD folder or a dict of component configs) gives the architectures, tokenizer
+        and scheduler. See jaxgen.convert.single_file.load_single_file."""
+        from jaxgen.convert.single_file import load_single_file
+
+        parts = load_single_file(path, config, tokenizer=tokenizer, extract_ema=extract_ema,
+                                 allow_pickle=allow_pickle)
+        return cls(**parts, mesh=mesh, batch_axis=batch_axis)
+
+    def save_single_file(self, path: str | os.PathLike, *, text_encoder_layout: str = "auto", dtype=None) -> str:
+        """Write the U-Net, VAE and text encoder as one original-layout .safetensors file
+        (see jaxgen.convert.single_file.save_single_file). Returns the path."""
+        from jaxgen.convert.single_file import save_single_file
+
+        return save_single_file(self, path, text_encoder_layout=text_encoder_layout, dtype=dtype)
 
     @staticmethod
     def load_components(folder: str | os.PathLike, *, pipeline_classes: Sequence[str] = PIPELINE_CLASSES,
@@ -525,11 +560,28 @@ class StableDiffusionPipeline:
                          guidance_rescale, scheduler, eta, num_images_per_prompt, output_type, root,
                          strength=strength, inputs=inputs)
 
+    def prompt_to_prompt(self, prompt, edit_prompt, **options):
+        """Prompt-to-Prompt editing (arXiv 2208.01626): (source_images, edited_images) float32
+        [P, H, W, 3] in [0, 1]; mode="replace"|"refine"|"reweight", cross_replace_steps=0.8,
+        self_replace_steps=0.4, equalizer=None, local_blend_words=None, num_inference_steps=50,
+        guidance_scale=7.5, seed=0, latents=None, scheduler=None, ... (see
+        jaxgen.pipelines.prompt_to_prompt.prompt_to_prompt)."""
+        from jaxgen.pipelines.prompt_to_prompt import prompt_to_prompt
+
+        return prompt_to_prompt(self, prompt, edit_prompt, **options)
+
+    def attention_maps(self, prompt, **options):
+        """Text-to-image with per-token cross-attention maps: (images [B, H, W, 3], maps float32
+        [B, h, w, 77], tokens) (see jaxgen.pipelines.prompt_to_prompt.attention_maps)."""
+        from jaxgen.pipelines.prompt_to_prompt import attention_maps
+
+        return attention_maps(self, prompt, **options)
+
     # -- host-side preparation ----------------------------------------------------------------
     def encode_prompt(self, prompt: str | Sequence[str]) -> np.ndarray:
         """The U-Net's context of each prompt, float32 [N, 77, D]: ``encode_prompts`` with this
         pipeline's text encoder, tokenizer and attention-mask setting."""
-        return encode_prompts(self.text_encoder, self.params["text_encoder"], self.tokenizer, prompt,
+        return encode_prompts(self.text_encoder, self.lora_call_params()["text_encoder"], self.tokenizer, prompt,
                               use_attention_mask=self.use_attention_mask)
 
     def get_scheduler(self, scheduler=None) -> Scheduler:
@@ -651,7 +703,7 @@ class StableDiffusionPipeline:
                                  f"{self.batch_axis!r}; make the batch (prompts x num_images_per_prompt) "
                                  "a multiple of it.")
             noise = jax.device_put(noise, sharding)
-        params = self.params
+        params = self.lora_call_params()     # unfused LoRA adapters ride along (jaxgen/lora.py)
 
         ids, mask = self._tokenize_prompts(prompts, negative, cfg)
         context = _text_stage(self.text_encoder, params["text_encoder"], ids, mask,
@@ -695,6 +747,7 @@ def _text_stage(text_encoder, params, ids, mask, *, per_prompt: int, cfg: bool, 
     """ids (mask) int32 [P or 2P, L] -> {"cond": [B, L, D](, "uncond": [B, L, D])}, B = P per_prompt:
     every prompt's hidden states repeated per_prompt times (negatives are the first P rows)."""
     _TRACES["text"] += 1
+    params = materialize(params)                                               # unfused LoRA
     hidden = prompt_context(text_encoder, params, ids, mask)                  # [P or 2P, L, D]
     hidden = jnp.repeat(hidden, per_prompt, axis=0)
     if not cfg:
@@ -707,6 +760,7 @@ def _text_stage(text_encoder, params, ids, mask, *, per_prompt: int, cfg: bool, 
 def _context_stage(text_encoder, params, ids, mask):
     """ids (mask) int32 [N, L] -> float32 [N, L, D]: ``prompt_context`` for ``encode_prompts``."""
     _TRACES["context"] += 1
+    params = materialize(params)                                               # unfused LoRA
     return prompt_context(text_encoder, params, ids, mask).astype(F32)
 
 
@@ -750,6 +804,7 @@ def _loop_stage(unet, params, state, context, noise, image, guidance_scale, guid
     Returns the final latents [B, h, w, C] float32.
     """
     _TRACES["loop"] += 1
+    params = materialize(params)                                               # unfused LoRA
     sched = plan.scheduler
     x = _constrain(noise, plan.sharding)
     if plan.from_image:
@@ -763,6 +818,8 @@ def _loop_stage(unet, params, state, context, noise, image, guidance_scale, guid
     def model_fn(x_in, t, ctx, i):
         extra = ({} if plan.control is None else
                  plan.control.unet_kwargs(control_inputs, x_in, t, i, ctx, plan.cfg))
+        if plan.control is not None:
+            x_in = plan.control.unet_input(control_inputs, x_in, t, i, ctx)
         if "extra" in ctx:                                       # [B, h, w, C + 1 + C]
             x_in = jnp.concatenate([x_in, ctx["extra"].astype(x_in.dtype)], axis=-1)
         if not plan.cfg:

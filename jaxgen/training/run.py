@@ -14,6 +14,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from jaxgen.compile_cache import enable_compilation_cache
 from jaxgen.errors import CheckpointError, ConfigError
 from jaxgen.training import mesh as mesh_lib
 from jaxgen.training.checkpoint import Checkpointer, abstract_with_shardings
@@ -143,6 +144,7 @@ def load_run(workdir: str | os.PathLike, step: int | None = None) -> Run:
     workdir = os.path.abspath(os.fspath(workdir))
     if not os.path.isdir(workdir):
         raise CheckpointError(f"{workdir}: no such run directory.")
+    enable_compilation_cache()
     config = ml_collections.ConfigDict(_find_config(workdir, step))
     task = make_task(config)
     task.attach(workdir, training=False)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxgen.compile_cache import enable_compilation_cache
 from jaxgen.data import pipeline
 from jaxgen.errors import CheckpointError, ConfigError, NonFiniteError
 from jaxgen.training import init_from as init_from_lib
@@ -128,6 +129,7 @@ class Trainer:
                  task=None, run_config: ml_collections.ConfigDict | None = None,
                  resume_step: int | None = None):
         validate_config(config, workdir)
+        enable_compilation_cache()
         self.config, self.workdir, self.stage = config, os.path.abspath(workdir), stage
         self.resume_step = resume_step
         # the whole run's config: saved with every checkpoint, compared on resume
@@ -190,7 +192,9 @@ class Trainer:
 
     # -- loop -------------------------------------------------------------------------------
     def fit(self, stop_after: int | None = None) -> TrainState:
-        """Train from the latest checkpoint to total_steps (or ``stop_after`` steps, for tests)."""
+        """Train from the latest checkpoint to total_steps (or ``stop_after`` steps, for tests).
+        The first metrics.jsonl row it writes also holds the train step's ``compile_seconds`` and
+        ``trace_seconds`` (see ``_compile``); steps_per_sec excludes the compilation."""
         cfg = self.config
         state, start = self.initial_state()
         if self.is_main:
@@ -204,6 +208,7 @@ class Trainer:
         replicated = mesh_lib.replicated(self.mesh)
         jitted = jax.jit(step_fn, in_shardings=(self.state_shardings, self.batch_sharding, replicated),
                          out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
+        compiled, compile_times = None, {}
         logger = MetricLogger(self.workdir, enabled=self.is_main, stage=self.stage)
         end = cfg.total_steps if stop_after is None else min(cfg.total_steps, start + stop_after)
         pending: list[dict] = []
@@ -215,7 +220,10 @@ class Trainer:
             for step in range(start, end):
                 local = pipeline.host_batch(self.data, cfg.batch_size, cfg.seed, step)
                 batch = pipeline.global_batch(local, self.batch_sharding)
-                state, metrics = jitted(state, batch, self.train_key)
+                if compiled is None:        # compiled explicitly, once, to time it (the same program)
+                    compiled, compile_times = self._compile(jitted, state, batch, self.train_key)
+                    t_last = time.perf_counter()
+                state, metrics = compiled(state, batch, self.train_key)
                 pending.append(metrics)
                 done = step + 1
                 last = done == end
@@ -225,6 +233,8 @@ class Trainer:
                     self._check_finite(state, done)
                     now = time.perf_counter()
                     means["steps_per_sec"] = (done - s_last) / max(now - t_last, 1e-9)
+                    means.update(compile_times)     # on the first row this process logs, then empty
+                    compile_times = {}
                     t_last, s_last = now, done
                     logger.write(done, means)
                     bar.set_postfix(loss=f"{means['loss']:.4g}", it_s=f"{means['steps_per_sec']:.1f}")
@@ -239,6 +249,19 @@ class Trainer:
             self.checkpointer.wait()
             logger.close()
         return state
+
+    def _compile(self, jitted, state: TrainState, batch: dict, key):
+        """The train step lowered and compiled for these arguments, and its compile time:
+        {"compile_seconds": trace + lowering + XLA compilation (or loading from the persistent
+        cache, jaxgen/compile_cache.py), "trace_seconds": the trace and lowering part}."""
+        t0 = time.perf_counter()
+        lowered = jitted.lower(state, batch, key)
+        t1 = time.perf_counter()
+        compiled = lowered.compile()
+        t2 = time.perf_counter()
+        log.info("train step%s compiled in %.1f s (trace and lowering %.1f s, XLA %.1f s)",
+                 "" if self.stage == MAIN_STAGE else f" of stage {self.stage}", t2 - t0, t1 - t0, t2 - t1)
+        return compiled, {"compile_seconds": t2 - t0, "trace_seconds": t1 - t0}
 
     def _check_finite(self, state: TrainState, step: int) -> None:
         bad = int(state.nonfinite)
@@ -310,6 +333,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_after: int | Non
     already at its total_steps is only restored.
     """
     validate_config(config, workdir)
+    enable_compilation_cache()              # before the task compiles anything (jaxgen/compile_cache.py)
     check_writable(os.path.abspath(workdir))
     task = make_task(config)
     task.attach(os.path.abspath(workdir), training=True)

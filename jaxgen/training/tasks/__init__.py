@@ -14,8 +14,13 @@ TASKS: dict[str, str] = {
     "clip": "jaxgen.training.tasks.clip:ClipTask",
     "diffusion": "jaxgen.training.tasks.diffusion:DiffusionTask",
     "ldm": "jaxgen.training.tasks.ldm:LDMTask",
+    "controlnet": "jaxgen.training.tasks.controlnet:ControlNetTask",
+    "ip2p": "jaxgen.training.tasks.ip2p:InstructPix2PixTask",
+    "upscale": "jaxgen.training.tasks.upscale:UpscaleTask",
+    "lora": "jaxgen.training.tasks.lora:LoraTask",
     "mae": "jaxgen.training.tasks.mae:MAETask",
     "vqvae": "jaxgen.training.tasks.vqvae:VQVAETask",
+    "video": "jaxgen.training.tasks.video:VideoTask",
 }
 
 

@@ -28,8 +28,10 @@ Evaluation (``python -m train.eval``): zero-shot classification of every attribu
 describes (shapes: shape, color, size, position and the whole combination; digits: the digit) on
 the held-out split and the test split: one class weight per caption class, averaged over the
 caption templates (prompt ensembling), and an attribute read from the classes' probabilities
-summed per value (``ClipTask.zero_shot``); image->text and text->image retrieval recall@1/5 on
-the test split; and a similarity-matrix PNG.
+summed per value (``ClipTask.zero_shot``); for shapes also on 1,800 independent renders
+(``jaxgen.data.shapes_render.independent_split``: all 180 combinations, sub-pixel geometry, another
+rasteriser), with per-value prompt sets too (``ClipTask.value_prompt_zero_shot``); image->text
+and text->image retrieval recall@1/5 on the test split; and a similarity-matrix PNG.
 """
 from __future__ import annotations
 
@@ -54,6 +56,8 @@ CONTEXT_LENGTH = 77     # input_ids are [N, 77], CLIP's text context
 TOKENIZER_DIR = "tokenizer"
 TEXT_BUCKET = 8         # encode_text pads its context up to a multiple of this (fewer compilations)
 CHUNK = 256             # examples per jitted call when encoding
+INDEPENDENT_EXAMPLES = 1800   # shapes: independent renders zero-shot is measured on (10 per combination)
+INDEPENDENT_SEED = 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -370,6 +374,37 @@ class ClipTask(Task):
             out["combination"] = float(np.mean(np.argmax(probs, axis=1) == classes))
         return out
 
+    def value_prompt_zero_shot(self, image_embeds: np.ndarray, classes: np.ndarray,
+                               class_embeds: np.ndarray) -> dict[str, float]:
+        """Zero-shot accuracy of every attribute with one prompt set per value: the weight of
+        value v of attribute a averages the normalised embeddings of every canonical caption with
+        a = v (shapes colour red: the 30 captions "a small red circle on the left", ...), and an
+        image's value is the one of highest cosine. image_embeds float32 [N, P]; classes int [N];
+        class_embeds float32 [K, T, P] (template 0 canonical). Returns {attribute: accuracy}."""
+        out = {}
+        for attr, value_of in self.space.attributes.items():
+            values = len(self.space.attribute_names[attr])
+            members = np.stack([np.nonzero(value_of == v)[0] for v in range(values)])   # [V, K / V]
+            weights = np.asarray(clip_utils.zero_shot_classifier(class_embeds[members, 0]))   # [V, P]
+            out[attr] = float(np.mean(np.argmax(image_embeds @ weights.T, axis=1) == value_of[classes]))
+        return out
+
+    def independent_zero_shot(self, run, class_embeds: np.ndarray, logit_scale) -> dict:
+        """shapes only: zero-shot on INDEPENDENT_EXAMPLES renders of ``shapes_render.independent_split``
+        (all 180 combinations, sub-pixel geometry, area-coverage rasterisation, not the generator).
+        Returns {"zero_shot_independent": {attribute: accuracy} by per-value prompt sets
+        (``value_prompt_zero_shot``), and "independent_zero_shot_{attribute}" / "..._combination"
+        by the class-marginal protocol of the held-out and test splits (``zero_shot``)}."""
+        from jaxgen.data import shapes_render
+
+        renders = shapes_render.independent_split(INDEPENDENT_EXAMPLES, INDEPENDENT_SEED)
+        embeds = run.encode_image(renders["image"])
+        out: dict[str, Any] = {"zero_shot_independent": self.value_prompt_zero_shot(
+            embeds, renders["label"], class_embeds)}
+        accs = self.zero_shot(embeds, renders["label"], class_embeds, logit_scale)
+        out.update({f"independent_zero_shot_{attr}": acc for attr, acc in accs.items()})
+        return out
+
     def caption_targets(self, run, ds, class_embeds: np.ndarray | None = None
                         ) -> tuple[list[str], np.ndarray, np.ndarray]:
         """The distinct captions of ``ds``, their embeddings and each image's caption.
@@ -392,7 +427,8 @@ class ClipTask(Task):
         return texts, class_embeds[[canonical[t] for t in texts], 0], target
 
     def evaluate(self, run, out_dir: str) -> dict:
-        """Zero-shot accuracies (held-out and test splits), image<->text retrieval recall@1/5 on the
+        """Zero-shot accuracies (held-out and test splits; shapes: independent renders too,
+        ``independent_zero_shot``), image<->text retrieval recall@1/5 on the
         test split against its distinct captions (an image's relevant text is its caption, a
         caption's relevant images are all images with it), and similarity_matrix.png in out_dir."""
         cfg = self.config.data
@@ -407,6 +443,8 @@ class ClipTask(Task):
             for s, ds in data.items():
                 accs = self.zero_shot(images[s], self.space.classes_of(ds), class_embeds, scale)
                 out.update({f"{s}_zero_shot_{attr}": acc for attr, acc in accs.items()})
+        if cfg.name == "shapes":
+            out.update(self.independent_zero_shot(run, class_embeds, scale))
         texts, text_embeds, target = self.caption_targets(run, data[cfg.eval_split], class_embeds)
         sim = images[cfg.eval_split] @ text_embeds.T                                 # [N, U]
         relevant = target[None, :] == np.arange(len(texts))[:, None]                 # [U, N]

@@ -113,7 +113,8 @@ class LDMTask(TrainingScheduleMixin, Task):
     name = "ldm"
     stages = STAGES
     # the Run's methods: each a method fn(variables, ...) below (run.tokenizer: tokenizer_for)
-    abilities = ("sample", "encode", "decode", "reconstruct", "encode_text", "encode_image", "tokenizer")
+    abilities = ("sample", "encode", "decode", "reconstruct", "encode_text", "encode_image", "tokenizer",
+                 "prompt_to_prompt")
 
     def __init__(self, config):
         super().__init__(config)
@@ -308,39 +309,64 @@ class LDMTask(TrainingScheduleMixin, Task):
         """
         if labels is not None:
             raise DataError("this run is text-conditioned: pass prompts=, not labels.")
-        num = int(num)
-        if num < 1:
-            raise DataError(f"num={num}: ask for at least one sample.")
-        if prompts is None:
-            prompts = self.default_prompts(num)
-        elif isinstance(prompts, str):
-            prompts = [prompts] * num
-        else:
-            prompts = list(prompts)
-            if len(prompts) == 1:
-                prompts = prompts * num
-            if len(prompts) != num:
-                raise DataError(f"{len(prompts)} prompts for num={num} images: pass one prompt, or one per image.")
-        if not all(isinstance(p, str) for p in prompts):
-            raise DataError("prompts must be strings.")
+        prompts = self.sample_prompts(num, prompts)
         s = self.config.sampling
         sched = self.make_scheduler(scheduler)
         steps = int(s.num_steps if num_steps is None else num_steps)
         g = float(s.guidance_scale if guidance_scale is None else guidance_scale)
-        pipe = self.pipeline(params)
+        return self.pipeline_samples(self.pipeline(params), prompts, seed, steps, g, sched)
+
+    def prompt_to_prompt(self, params, source_prompts, edit_prompts, seed=0, **options):
+        """Prompt-to-Prompt edits of run.sample's images: (sources, edits) uint8 [N, H, W, C];
+        options as StableDiffusionPipeline.prompt_to_prompt, None = config.sampling's
+        (jaxgen.pipelines.prompt_to_prompt.run_prompt_to_prompt)."""
+        from jaxgen.pipelines.prompt_to_prompt import run_prompt_to_prompt
+
+        return run_prompt_to_prompt(self, params, source_prompts, edit_prompts, seed=seed, **options)
+
+    def sample_prompts(self, num, prompts) -> list[str]:
+        """``num`` prompts from run.sample's ``prompts``: None (the shapes captions in combination
+        order), one str for all, or num str; a DataError otherwise."""
+        num = int(num)
+        if num < 1:
+            raise DataError(f"num={num}: ask for at least one sample.")
+        if prompts is None:
+            return self.default_prompts(num)
+        if isinstance(prompts, str):
+            return [prompts] * num
+        prompts = list(prompts)
+        if len(prompts) == 1:
+            prompts = prompts * num
+        if len(prompts) != num:
+            raise DataError(f"{len(prompts)} prompts for num={num} images: pass one prompt, or one per image.")
+        if not all(isinstance(p, str) for p in prompts):
+            raise DataError("prompts must be strings.")
+        return prompts
+
+    def pipeline_samples(self, pipe, prompts: list[str], seed, steps: int, guidance_scale: float, scheduler,
+                         per_image: dict | None = None, sized: bool = True, **call_kwargs) -> np.ndarray:
+        """Images for ``prompts`` from ``pipe`` (a StableDiffusionPipeline or a subclass), uint8
+        [N, H, W, C], as run.sample draws them: initial latents normal(fold_in(key(seed), 0),
+        [N, h, w, c]); chunk n of config.sampling.batch_size images is one call with seed
+        fold_in(fold_in(key(seed), 1), n). per_image: {argument: array [N, ...]} passed chunk by
+        chunk (e.g. a ControlNet's control images); call_kwargs are passed to every call, and
+        height / width unless ``sized`` is False (pipelines whose input image fixes the size)."""
+        num = len(prompts)
         key = jax.random.key(seed)
         latents = np.asarray(jax.random.normal(jax.random.fold_in(key, _KEY_LATENTS), (num, *self.latent_shape),
                                                jnp.float32))                 # [num, h, w, c]
         steps_root = jax.random.fold_in(key, _KEY_STEPS)
         height, width, _ = self.image_shape
-        size = min(int(s.batch_size), num)
+        size = min(int(self.config.sampling.batch_size), num)
         out = []
         for n, (a, b) in enumerate(chunk_bounds(num, size)):
             rows = pad_rows(np.arange(a, b), size)                           # [size] prompt indices
-            images = pipe([prompts[i] for i in rows], num_inference_steps=steps, guidance_scale=g,
-                          height=height, width=width, seed=jax.random.fold_in(steps_root, n),
-                          latents=pad_rows(latents[a:b], size), scheduler=sched)   # [size, H, W, C] in [0, 1]
-            out.append(images[:b - a])
+            extra = {k: np.asarray(v)[rows] for k, v in (per_image or {}).items()}
+            size_args = {"height": height, "width": width} if sized else {}
+            images = pipe([prompts[i] for i in rows], num_inference_steps=steps, guidance_scale=guidance_scale,
+                          seed=jax.random.fold_in(steps_root, n), latents=latents[rows], scheduler=scheduler,
+                          **size_args, **extra, **call_kwargs)
+            out.append(images[:b - a])                                       # [size, H, W, C] in [0, 1]
         return unit_to_uint8(np.concatenate(out), what="the text-to-image run")
 
     def default_prompts(self, num: int) -> list[str]:
