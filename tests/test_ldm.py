@@ -17,6 +17,7 @@ import types
 import jax
 import numpy as np
 import pytest
+from helpers import shared_tiny_ldm
 
 import jaxgen
 from jaxgen.data.dataset import ArrayDataset
@@ -36,8 +37,9 @@ def tiny_config():
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, data_dir):
-    return train(tiny_config(), str(tmp_path_factory.mktemp("ldm") / "run"))
+def run(data_dir):
+    """The session's tiny shapes_ldm run (trained once, shared with the families trained on it)."""
+    return shared_tiny_ldm()
 
 
 @pytest.fixture(scope="module")
