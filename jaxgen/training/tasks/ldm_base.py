@@ -118,7 +118,8 @@ class FrozenLDMTask(Task):
 
     def build_model(self):
         """The module this run trains (called at attach, once ``self.ldm`` is known)."""
-        raise NotImplementedError(f"{type(self).__name__} must define build_model()")
+        raise TypeError(f"{type(self).__name__} is a FrozenLDMTask without build_model(): a family on a frozen "
+                        "base defines the module it trains there (see ControlNetTask, UpscaleTask).")
 
     def _require_base(self):
         if self.ldm is None:
