@@ -15,6 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def xla_flags(devices: int) -> str:
+    """XLA_FLAGS for a subprocess with ``devices`` forced host devices, keeping the session's
+    flags (conftest.py's compile settings)."""
+    return (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}").strip()
+
+
 def _host(x) -> np.ndarray:
     """A numpy / jax array or a torch tensor as a float64 numpy array."""
     if hasattr(x, "detach"):

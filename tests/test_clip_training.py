@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import jaxgen
+from helpers import xla_flags
 from configs import shapes_clip
 from jaxgen.data import shapes
 from jaxgen.errors import ConfigError, DataError
@@ -183,7 +184,7 @@ print("RESULT" + json.dumps(out))
 
 
 def test_sharded_global_batch_loss_equals_one_device_loss():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+    env = {**os.environ, "XLA_FLAGS": xla_flags(8), "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import rel_err
+from helpers import rel_err, xla_flags
 import jaxgen
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,7 +26,7 @@ COMMON = ["--config", "configs/digits_ae.py:tiny", f"--config.total_steps={STEPS
 
 def _env(devices: int, data_dir: str) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAXGEN_DATA_DIR=data_dir,
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+               XLA_FLAGS=xla_flags(devices))
     env.pop("PYTEST_CURRENT_TEST", None)
     return env
 

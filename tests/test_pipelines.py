@@ -29,7 +29,7 @@ import jaxgen  # noqa: E402
 from jaxgen.convert.testing import randomize_torch as randomize  # noqa: E402
 from jaxgen.errors import ConfigError, DataError  # noqa: E402
 from jaxgen.tokenizer import train_tokenizer  # noqa: E402
-from helpers import check_images, max_err, nchw, unit_noise  # noqa: E402
+from helpers import check_images, max_err, nchw, unit_noise, xla_flags  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-3                 # max |ours - diffusers| over image pixels in [0, 1]
@@ -238,7 +238,7 @@ def test_batch_sharded_over_two_devices(folders, mesh_pipe, tmp_path):
     np.save(tmp_path / "latents.npy", latents)
     one = mesh_pipe(PROMPTS, num_inference_steps=STEPS, guidance_scale=1.0, latents=latents,
                     scheduler="EulerDiscreteScheduler")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(2))
     env.pop("PYTEST_CURRENT_TEST", None)
     script = MULTI_DEVICE.format(prompts=PROMPTS, steps=STEPS)
     out = subprocess.run([sys.executable, "-c", script, folders[0]["sd"], str(tmp_path / "latents.npy"),
