@@ -19,7 +19,9 @@ CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, 
 TRAINED_ELSEWHERE = {"shapes_ldm": "test_ldm.py", "digits_vqvae": "test_vqvae_training.py",
                      "shapes_controlnet": "test_controlnet_training.py", "shapes_ip2p": "test_ip2p_training.py",
                      "shapes_upscale": "test_upscale_training.py", "shapes_lora": "test_lora_training.py",
-                     "paired_colorize": "test_paired.py", "shapes_video": "test_video_training.py"}
+                     "paired_colorize": "test_paired.py", "shapes_video": "test_video_training.py",
+                     "shapes_clip": "test_clip_training.py", "digits_ae": "test_autoencoders.py",
+                     "digits_dae": "test_autoencoders.py", "digits_sparse_ae": "test_autoencoders.py"}
 
 
 def get_config(name, arg="tiny"):
@@ -40,7 +42,11 @@ def test_every_tiny_config_trains_two_jitted_steps(name, tmp_path, data_dir):
 
 @pytest.mark.parametrize("name,module", sorted(TRAINED_ELSEWHERE.items()))
 def test_configs_trained_elsewhere_are(name, module):
-    """The module named trains this config's ':tiny' run with the engine's train()."""
+    """The module named trains this config's ':tiny' run with the engine's train(): by name
+    (`configs.NAME ... get_config("tiny")`) or as a `("NAME", "tiny", ...)` parametrisation."""
     assert name in CONFIGS
     source = open(os.path.join(ROOT, "tests", module), encoding="utf-8").read()
-    assert f"configs.{name}" in source and 'get_config("tiny")' in source and "train(" in source
+    by_name = (f"configs.{name}" in source or f"from configs import {name}" in source) \
+        and 'get_config("tiny")' in source
+    parametrized = f'("{name}", "tiny",' in source and 'import_module(f"configs.{name}")' in source
+    assert (by_name or parametrized) and "train(" in source
