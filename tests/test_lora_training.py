@@ -2,6 +2,7 @@
 shape's renders and analyzer, only the adapters trained and checkpointed, lora_scale 0 is the
 base, evaluation, and diffusers' load_lora_weights on the exported base reproducing the run.
 """
+import copy
 import importlib
 import os
 
@@ -51,7 +52,9 @@ def test_only_adapters_are_trained_and_saved(run, base):
     leaves = jax.tree_util.tree_leaves(run.params)
     assert leaves and all(x.ndim == 2 or x.ndim == 4 for x in leaves)
     keys = list(run.params["unet"])
-    assert all(k.endswith("kernel") and (".attn1." in k or ".attn2." in k) for k in keys)
+    assert all(k.endswith("kernel") and (".attn1." in k or ".attn2." in k or ".conv1." in k or ".conv2." in k)
+               for k in keys)
+    assert any(".conv1." in k for k in keys) and any(".attn2." in k for k in keys)
     assert all(set(v) == {"down", "up"} for v in run.params["unet"].values())
     sizes = run.task.adapter_bytes(run.params)
     assert 0 < sizes["lora"] < sizes["unet"] / 5
@@ -64,6 +67,23 @@ def test_scale_zero_is_the_base(run, base):
     assert run.sample(2, prompts=PROMPTS, seed=1).shape == (2, 32, 32, 3)
 
 
+def test_preservation_target_base_distills_to_the_frozen_base(run):
+    """With preservation_target "base" (the config's), a preserved example's target is the base
+    U-Net's own prediction: with adapters that merge to the base (up = 0) its loss is exactly 0,
+    while the new shape's examples keep the diffusion loss."""
+    task = copy.copy(run.task)          # its own context table (training builds it from the data)
+    assert task.config.lora.preservation_target == "base"
+    task.table = task.context_table(PROMPTS)
+    zero = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, np.float32), jax.device_get(run.params))
+    rng = np.random.default_rng(0)
+    mean = rng.normal(size=(8, *task.latent_shape)).astype(np.float32)
+    batch = {"latent_mean": mean, "latent_std": np.zeros_like(mean), "caption": np.zeros(8, np.int32)}
+    key = jax.random.key(3)
+    preserved, _ = task.loss_fn(zero, dict(batch, preserve=np.ones(8, np.float32)), key)
+    new_shape, _ = task.loss_fn(zero, dict(batch, preserve=np.zeros(8, np.float32)), key)
+    assert float(preserved) == 0.0 and float(new_shape) > 1e-3
+
+
 def test_config_errors(base, tmp_path):
     c = tiny_config(base.workdir)
     c.lora.target_modules = ("no_such_module",)
@@ -72,6 +92,10 @@ def test_config_errors(base, tmp_path):
     c = tiny_config(base.workdir)
     c.lora.new_shape = "star"
     with pytest.raises(ConfigError, match="lora.new_shape"):
+        make_task(c)
+    c = tiny_config(base.workdir)
+    c.lora.preservation_target = "teacher"
+    with pytest.raises(ConfigError, match="lora.preservation_target='teacher': choose one of data, base"):
         make_task(c)
 
 

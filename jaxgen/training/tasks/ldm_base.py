@@ -150,8 +150,9 @@ class FrozenLDMTask(Task):
         ldm = self._require_base()
         return ldm.vae_stage.moments(self.base_params["vae"], images)
 
-    def diffusion_inputs(self, key, mean, std, rows, table, dropout: float):
-        """The noised training inputs of a batch: (z_t, t, target, context, z_0).
+    def diffusion_inputs(self, key, mean, std, rows, table, dropout: float, with_drop: bool = False):
+        """The noised training inputs of a batch: (z_t, t, target, context, z_0), and with
+        ``with_drop`` the bool [B] mask of the examples whose caption was dropped.
 
         mean, std: posterior moments [B, h, w, c] (unscaled); rows: int32 [B] rows of ``table``
         (float32 [U + 1, 77, D], last row the empty prompt), replaced by the last row with
@@ -168,7 +169,7 @@ class FrozenLDMTask(Task):
         drop = jax.random.bernoulli(k_drop, float(dropout), (b,))
         ctx = table[jnp.where(drop, table.shape[0] - 1, rows)]
         target = process.training_target(ldm.schedule, ldm.prediction_type, z0, eps, t)
-        return zt, t, target, ctx, z0
+        return (zt, t, target, ctx, z0, drop) if with_drop else (zt, t, target, ctx, z0)
 
     def weighted_mse(self, out, target, t) -> tuple[jax.Array, jax.Array]:
         """(the base's weighted loss, the plain MSE) of predictions ``out`` against ``target``."""

@@ -7,11 +7,15 @@ shape it never saw (``lora.new_shape``: "cross", drawn by ``jaxgen.data.shapes.d
 in every colour, size and place), with low-rank adapters on chosen U-Net modules
 (``lora.target_modules``, peft's naming, ``lora.rank``, ``lora.alpha``) and nothing else trained:
 the optimizer state and the checkpoints hold only the adapters (``jaxgen.lora``: ``init_lora``,
-``merge``). Prior preservation, DreamBooth's idea with real data: a fraction
-``lora.preservation_fraction`` of the examples are the base's own training data (shapes the
-model knows, with their captions), so prompts without the new word keep the base's adherence.
-The objective is the base's (schedule, prediction type, loss weights, scaling factor), captions
-dropped to the empty prompt at ``lora.caption_dropout``.
+``merge``). Prior preservation, DreamBooth's idea: a fraction ``lora.preservation_fraction`` of
+the examples are the base's own training data (shapes the model knows, with their captions), so
+prompts without the new word keep the base's adherence. Their regression target is
+``lora.preservation_target``: "data" (the diffusion target of the real image, as for the new
+shape's examples) or "base" (the frozen base U-Net's own prediction at the same noisy latent,
+timestep and prompt: the adapted model is distilled to the base there, and on every example whose
+caption was dropped, so the unconditional branch that classifier-free guidance subtracts stays the
+base's). The objective is the base's (schedule, prediction type, loss weights, scaling factor),
+captions dropped to the empty prompt at ``lora.caption_dropout``.
 
 Checkpoint params: {"unet": {kernel path with "." for "/": {"down": [.., r], "up": [r, out]}}};
 ``lora_tree(params)`` gives jaxgen.lora's {path: LoraWeights}.
@@ -27,6 +31,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxgen.data import shapes
@@ -37,6 +42,7 @@ from jaxgen.training.config_values import check_range, plain
 from jaxgen.training.tasks.ldm_base import FrozenLDMTask
 
 NEW_SHAPE_SEED = 4321      # the jitter draws of the new shape's training examples
+PRESERVATION_TARGETS = ("data", "base")
 
 
 def _key(path: str) -> str:
@@ -45,7 +51,8 @@ def _key(path: str) -> str:
 
 class LoraTask(FrozenLDMTask):
     """Task "lora" (module docstring). Batches: {"latent_mean", "latent_std": float32 [B, h, w, c];
-    "caption": int32 [B] rows of the context table}."""
+    "caption": int32 [B] rows of the context table; "preserve": float32 [B], 1 on the dataset's
+    (prior preservation) examples}."""
 
     name = "lora"
     abilities = ("sample", "encode_text", "tokenizer", "lora_file")
@@ -59,6 +66,9 @@ class LoraTask(FrozenLDMTask):
         check_range("lora.alpha", lo.alpha, 0, low_open=True)
         check_range("lora.preservation_fraction", lo.preservation_fraction, 0.0, 1.0, high_open=True)
         check_range("lora.caption_dropout", lo.caption_dropout, 0.0, 1.0, high_open=True)
+        if lo.get("preservation_target", "data") not in PRESERVATION_TARGETS:
+            raise ConfigError(f"lora.preservation_target={lo.preservation_target!r}: choose one of "
+                              f"{', '.join(PRESERVATION_TARGETS)} (the real image's target, or the frozen base's prediction).")
         if lo.new_shape not in shapes.EXTRA_SHAPES:
             raise ConfigError(f"lora.new_shape={lo.new_shape!r}: the generator draws {', '.join(shapes.EXTRA_SHAPES)}.")
         if not plain(lo.target_modules):
@@ -108,6 +118,7 @@ class LoraTask(FrozenLDMTask):
         new = self.new_shape_examples()
         frac = float(lo.preservation_fraction)
         images, captions = new["image"], list(new["caption"])
+        preserve = np.zeros(len(images), np.float32)
         if frac > 0:
             fields = self.gather(ds)
             k = int(round(len(images) * frac / (1.0 - frac)))
@@ -117,24 +128,33 @@ class LoraTask(FrozenLDMTask):
             pick = np.random.default_rng(NEW_SHAPE_SEED).choice(len(fields["image"]), k, replace=False)
             images = np.concatenate([images, fields["image"][np.sort(pick)]])
             captions += [fields["caption"][i] for i in np.sort(pick)]
+            preserve = np.concatenate([preserve, np.ones(k, np.float32)])
         texts = sorted(set(captions))
         index = {t: i for i, t in enumerate(texts)}
         self.table = self.context_table(texts)
         mean, std = self.latent_moments(images)
-        return {"latent_mean": mean, "latent_std": std, "caption": np.asarray([index[t] for t in captions], np.int32)}
+        return {"latent_mean": mean, "latent_std": std, "caption": np.asarray([index[t] for t in captions], np.int32),
+                "preserve": preserve}
 
     def example_batch(self) -> dict:
         z = np.zeros((1, *self.latent_shape), np.float32)
-        return {"latent_mean": z, "latent_std": z, "caption": np.zeros((1,), np.int32)}
+        return {"latent_mean": z, "latent_std": z, "caption": np.zeros((1,), np.int32),
+                "preserve": np.zeros((1,), np.float32)}
 
     # -- objective -------------------------------------------------------------------------------
     def loss_fn(self, params, batch, key):
         if self.table is None:
             raise ConfigError("LoraTask.loss_fn needs batch_arrays(...) first (the text context table).")
-        zt, t, target, ctx, _ = self.diffusion_inputs(key, batch["latent_mean"], batch["latent_std"],
-                                                      batch["caption"], self.table,
-                                                      float(self.config.lora.caption_dropout))
+        lo = self.config.lora
+        zt, t, target, ctx, _, drop = self.diffusion_inputs(key, batch["latent_mean"], batch["latent_std"],
+                                                            batch["caption"], self.table, float(lo.caption_dropout),
+                                                            with_drop=True)
         out = self.model.apply({"params": self.unet_params(params)}, zt, t, ctx)
+        if lo.get("preservation_target", "data") == "base":
+            base_out = self.model.apply({"params": self.base_params["unet"]}, zt, t, ctx)
+            keep = (batch["preserve"] > 0) | drop
+            target = jnp.where(keep.reshape(-1, *([1] * (target.ndim - 1))),
+                               jax.lax.stop_gradient(base_out).astype(target.dtype), target)
         loss, mse = self.weighted_mse(out, target, t)
         return loss, {"mse": mse}
 
