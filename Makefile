@@ -31,7 +31,7 @@ DEMO_PROMPTS := --prompt "a large red circle on the left" --prompt "a small blue
 demo: $(VENV)/.installed
 	$(PY) -m train --config configs/shapes_ldm.py:demo --workdir $(DEMO_RUN)
 	$(PY) -m train.sample --workdir $(DEMO_RUN) --per_prompt 8 --out $(DEMO_RUN)/demo_prompts.png \
-		$(DEMO_PROMPTS)
+		--adherence $(DEMO_PROMPTS)
 	@echo "demo done: text-to-image samples (one row per prompt) in $(DEMO_RUN)/demo_prompts.png;"
 	@echo "  the run (autoencoder, text encoder, U-Net) in $(DEMO_RUN). More: docs/LDM.md."
 

@@ -274,25 +274,32 @@ def test_export_cli(run, tmp_path):
     assert os.path.isfile(tmp_path / "sd" / "model_index.json")
 
 
-def test_sample_cli_per_prompt(run, tmp_path):
+def test_sample_cli_per_prompt(run, tmp_path, capsys):
     """``python -m train.sample --prompt A --prompt B --per_prompt K`` (its main, in this process):
-    K images per prompt, the same as run.sample, and a labelled PNG."""
-    from absl import flags
+    K images per prompt, the same as run.sample, and a labelled PNG; --adherence prints the
+    analyzer's read-back per prompt (make demo's last lines), and refuses a non-shapes prompt."""
+    from absl import app, flags
 
     import train.sample as cli
+    from jaxgen.eval.shapes import caption_adherence, format_adherence
 
-    for out, k in ((tmp_path / "s.npz", 1), (tmp_path / "s.png", 1)):
-        argv = ["train.sample", f"--workdir={run.workdir}", f"--out={out}", f"--per_prompt={k}", "--seed=1",
-                f"--prompt={PROMPTS[0]}", f"--prompt={PROMPTS[1]}"]
+    def call(*args):
+        argv = ["train.sample", f"--workdir={run.workdir}", "--seed=1", *args]
         flags.FLAGS(argv)
         try:
             cli.main(argv[:1])
         finally:
             flags.FLAGS.unparse_flags()
+
+    for out, extra in ((tmp_path / "s.npz", ()), (tmp_path / "s.png", ("--adherence",))):
+        call(f"--out={out}", "--per_prompt=1", f"--prompt={PROMPTS[0]}", f"--prompt={PROMPTS[1]}", *extra)
     saved = np.load(tmp_path / "s.npz")
     assert list(saved["prompts"]) == PROMPTS
     np.testing.assert_array_equal(saved["images"], run.sample(2, seed=1, prompts=PROMPTS))
     assert os.path.getsize(tmp_path / "s.png") > 0
+    assert format_adherence(caption_adherence(PROMPTS, saved["images"])) in capsys.readouterr().out
+    with pytest.raises(app.UsageError, match="--adherence: 'a red blob' is not a canonical shapes caption"):
+        call(f"--out={tmp_path / 'x.png'}", "--adherence", "--prompt=a red blob")
 
 
 def test_config_errors(data_dir):

@@ -147,3 +147,24 @@ def test_analyzer_edge_cases():
         S.analyze(np.zeros((1, 16, 16, 3), np.uint8))
     with pytest.raises(DataError, match="at least one"):
         S.adherence(blank, {"jitter": np.zeros((2, 3))})
+
+
+def test_caption_adherence_per_prompt_and_overall():
+    """Generator images read back against their own captions score 1; against a caption that
+    names another colour, that prompt's colour (and "all") score 0 and the overall mean drops."""
+    from jaxgen.eval.shapes import caption_adherence, format_adherence
+
+    ds = S.generate_split("test", 12, seed=3)
+    captions = [S.caption(*(int(ds[a][i]) for a in S.ATTRIBUTES)) for i in range(12)]
+    report = caption_adherence(captions, ds["image"])
+    assert report["overall"] == {a: 1.0 for a in (*S.ATTRIBUTES, "all")}
+    own = S.COLORS[int(ds["color"][0])]
+    wrong = next(w for w in (captions[0].replace(f" {own} ", f" {c} ") for c in S.COLORS if c != own)
+                 if w not in captions)     # a caption no other image has
+    report = caption_adherence([wrong] + captions[1:], ds["image"])
+    assert report["per_prompt"][wrong]["color"] == 0.0 and report["per_prompt"][wrong]["shape"] == 1.0
+    assert report["overall"]["color"] == pytest.approx(11 / 12) and report["overall"]["position"] == 1.0
+    table = format_adherence(report)
+    assert wrong in table and table.splitlines()[-1].startswith("overall")
+    with pytest.raises(DataError, match="not a canonical shapes caption"):
+        caption_adherence(["a red blob"] + captions[1:], ds["image"])

@@ -21,6 +21,10 @@ x.npz the uint8 clips [N, F, H, W, 3] as ``images``.
 distinct prompt's per-token cross-attention maps, averaged over heads, layers and steps, as
 overlays on its image (jaxgen/pipelines/prompt_to_prompt.py).
 
+--adherence (with shapes captions as --prompt, e.g. "a large red circle on the left") reads every
+image's colour, shape, size and position back with the shapes analyzer and prints, per prompt and
+overall, the fraction that follows its prompt (what ``make demo`` reports at its end).
+
 --workdir may also be a diffusers Stable Diffusion folder (it holds model_index.json): then
 jaxgen.StableDiffusionPipeline generates one image per prompt (--prompt is required; one prompt
 is repeated N times), with --steps (default 50), --guidance (default 7.5), --scheduler (a
@@ -52,6 +56,8 @@ flags.DEFINE_multi_string("image", None, "input image file(s) (PNG) of an editin
 flags.DEFINE_integer("step", None, "checkpoint step (default: the newest intact one)", lower_bound=0)
 flags.DEFINE_string("attention-maps", None, "also write per-token cross-attention map overlays (PNG) for each "
                     "--prompt (text-to-image runs and diffusers folders)")
+flags.DEFINE_boolean("adherence", False, "read the images' shapes attributes back against their --prompt "
+                     "(canonical shapes captions) and print the fraction that follows each prompt")
 flags.mark_flags_as_required(["workdir", "out"])
 
 
@@ -67,6 +73,8 @@ def main(argv):
             raise app.UsageError("--per_prompt K takes K >= 1 images for each --prompt; pass --prompt")
         F.num = F.per_prompt * len(F.prompt)
     labels = _labels(F)                      # checked before anything loads
+    if F.adherence:
+        _check_adherence_prompts(F)
     if F["attention-maps"].value and (not F.prompt or not F["attention-maps"].value.endswith(".png")):
         raise app.UsageError("--attention-maps FILE.png takes the maps of each --prompt: pass --prompt and a .png")
     common.setup_logging()
@@ -78,6 +86,7 @@ def main(argv):
         images, prompts = _pipeline_sample(F)
         _save(F, images, None, prompts)
         _attention_maps(F, F.workdir)
+        _adherence(F, images, prompts)
         return
     run = jaxgen.load_run(F.workdir, step=F.step)
     prompts = _prompts(F) if F.prompt else None
@@ -101,6 +110,35 @@ def main(argv):
                           f"{', '.join(run.abilities) or 'no methods'}.")
     _save(F, images, labels, prompts)
     _attention_maps(F, run)
+    _adherence(F, images, prompts)
+
+
+def _check_adherence_prompts(F):
+    """--adherence needs --prompt, each a canonical shapes caption: a UsageError naming the first
+    that is not, before anything loads or samples."""
+    from jaxgen.data.shapes import parse_caption
+    from jaxgen.errors import DataError
+
+    if not F.prompt:
+        raise app.UsageError("--adherence reads the images back against their prompts: pass --prompt "
+                             "(shapes captions such as 'a large red circle on the left')")
+    for p in F.prompt:
+        try:
+            parse_caption(p)
+        except DataError as e:
+            raise app.UsageError(f"--adherence: {e}") from None
+
+
+def _adherence(F, images, prompts):
+    """--adherence: print the fraction of images that follow their prompt, per prompt and overall."""
+    if not F.adherence:
+        return
+    from jaxgen.eval.shapes import caption_adherence, format_adherence
+
+    if images.ndim != 4:
+        raise app.UsageError("--adherence reads still images; this run makes clips.")
+    print("prompt adherence (the shapes analyzer reads each image back):")
+    print(format_adherence(caption_adherence(prompts, images)))
 
 
 def _attention_maps(F, source):

@@ -74,6 +74,36 @@ def prompt_adherence(sample: SampleFn, samples_per_prompt: int, seed: int = EVAL
     return out, images
 
 
+def caption_adherence(prompts: Sequence[str], images: np.ndarray) -> dict:
+    """The attributes of ``images`` (uint8 [N, H, W, 3]) read back against their canonical shapes
+    captions ``prompts`` (N str; jaxgen.data.shapes.parse_caption, whose DataError names a prompt
+    that is not one): {"overall": adherence dict, "per_prompt": {prompt: adherence dict}} over
+    the images of each distinct prompt."""
+    from jaxgen.data import shapes
+
+    if len(prompts) != len(images):
+        raise ValueError(f"{len(prompts)} prompts for {len(images)} images: pass one prompt per image.")
+    parsed = [shapes.parse_caption(p) for p in prompts]
+    attrs = {a: np.asarray([q[a] for q in parsed]) for a in shapes.ATTRIBUTES}
+    per_prompt = {}
+    for p in dict.fromkeys(prompts):
+        rows = np.asarray([q == p for q in prompts])
+        per_prompt[p] = shapes.adherence(images[rows], {a: v[rows] for a, v in attrs.items()})
+    return {"overall": shapes.adherence(images, attrs), "per_prompt": per_prompt}
+
+
+def format_adherence(report: dict) -> str:
+    """caption_adherence's report as a text table: a row per prompt and the overall row."""
+    from jaxgen.data import shapes
+
+    cols = (*shapes.ATTRIBUTES, "all")
+    width = max(len("overall"), *(len(p) for p in report["per_prompt"]))
+    lines = [f"{'prompt':<{width}}  " + "  ".join(f"{c:>8}" for c in cols)]
+    rows = [*report["per_prompt"].items(), ("overall", report["overall"])]
+    lines += [f"{p:<{width}}  " + "  ".join(f"{r[c]:8.3f}" for c in cols) for p, r in rows]
+    return "\n".join(lines)
+
+
 def reconstruction_report(reconstruct: Callable[[np.ndarray], np.ndarray], dataset,
                           out_dir: str | None = None, prefix: str = "vae_test_") -> dict:
     """An autoencoder on a shapes split: {prefix + "mse": mean squared error on [0, 1] pixels,

@@ -132,6 +132,8 @@ class Trainer:
         enable_compilation_cache()
         self.config, self.workdir, self.stage = config, os.path.abspath(workdir), stage
         self.resume_step = resume_step
+        # the progress bar's label: "train", or the stage's name (and "i/n" when train() sets it)
+        self.progress_label = "train" if stage == MAIN_STAGE else f"stage {stage}"
         # the whole run's config: saved with every checkpoint, compared on resume
         self.run_config = config if run_config is None else run_config
         check_writable(self.workdir)
@@ -212,7 +214,7 @@ class Trainer:
         logger = MetricLogger(self.workdir, enabled=self.is_main, stage=self.stage)
         end = cfg.total_steps if stop_after is None else min(cfg.total_steps, start + stop_after)
         pending: list[dict] = []
-        bar = _progress(start, cfg.total_steps, self.is_main)
+        bar = _progress(start, cfg.total_steps, self.is_main, self.progress_label)
         t_last, s_last = time.perf_counter(), start
         image_every = int(cfg.get("image_every", 0) or 0)
         config_dict = config_to_dict(self.run_config)
@@ -312,10 +314,11 @@ class MetricLogger:
             self.tb.close()
 
 
-def _progress(start: int, total: int, enabled: bool):
+def _progress(start: int, total: int, enabled: bool, label: str = "train"):
+    """The step progress bar (steps, rate, ETA) on stderr, labelled with the stage."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=start, disable=not enabled, dynamic_ncols=True, desc="train")
+    return tqdm(total=total, initial=start, disable=not enabled, dynamic_ncols=True, desc=label)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None = None,
@@ -345,11 +348,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_after: int | Non
                                   "--step to start training.")
         resume_stage = started[-1]
     frozen: dict = {}
-    for stage in task.stages:
+    for i, stage in enumerate(task.stages):
         sconf = stage_config(config, stage)
         sub = task.stage_task(stage, frozen, sconf)
         trainer = Trainer(sconf, workdir, stage, sub, run_config=config,
                           resume_step=step if stage == resume_stage else None)
+        if len(task.stages) > 1:
+            trainer.progress_label = f"stage {i + 1}/{len(task.stages)} {stage}"
         state = trainer.fit(stop_after=stop_after)
         trainer.checkpointer.close()
         frozen[stage] = handed_on(sub, state)
