@@ -19,7 +19,7 @@ reconstruction error; prompt -> image grids (docs/LDM.md).
 StableDiffusionPipeline folder.
 
 Arguments (comma-separated after ':'): tiny (every stage 2 steps of batch 16, for tests); demo (a
-shorter schedule for ``make demo``, <= 10 minutes on 2 CPU cores).
+shorter schedule for ``make demo``: 11 min 10 s of training measured on 2 idle CPU cores, docs/LDM.md).
 """
 import math
 
@@ -66,7 +66,8 @@ def get_config(arg: str | None = None):
     })
     c.sampling = ml_collections.ConfigDict({
         # guidance 1.5: measured on the default run (docs/LDM.md), shape 0.871 at 3.0, 0.912 at 2.0,
-        # 0.940 at 1.5; squares come out rounder (read as circles) the higher the scale
+        # 0.940 at 1.5 (600-step text stage); squares come out rounder (read as circles) the higher
+        # the scale
         "scheduler": "DDIMScheduler", "num_steps": 25, "guidance_scale": 1.5,
         # clip_sample False and steps_offset 1: what diffusers' StableDiffusionPipeline imposes on
         # the scheduler it loads, so the exported folder samples as the run does
@@ -112,7 +113,9 @@ def get_config(arg: str | None = None):
                 "projection_dim": 64, "logit_scale_init_value": math.log(1 / 0.07),
             },
             "objective": {"max_logit_scale": 100.0},
-            "batch_size": 128, "total_steps": 600, "checkpoint_every": 300,
+            # 1,200 steps (~90 s): 300 left the demo's position at chance, 600 place every shape,
+            # 1,200 also raise shape (docs/LDM.md: demo 0.78 -> 0.80, default 0.940 -> 0.949)
+            "batch_size": 128, "total_steps": 1200, "checkpoint_every": 300,
             "optim": {"lr": 2e-3, "warmup_steps": 50, "weight_decay": 1e-4},
         },
         "unet": {
@@ -122,12 +125,10 @@ def get_config(arg: str | None = None):
         },
     })
     if "demo" in words:
-        # measured one change at a time (docs/LDM.md, "The demo"): the text stage is cheap (~10
-        # steps/s) and decides position: 300 steps left it at chance (0.17), 600 give 1.00 and
-        # 1,200 raise shape 0.78 -> 0.80; guidance 2 beats 3 on shape (0.78 vs 0.71) at 1,000
-        # U-Net steps
+        # measured one change at a time (docs/LDM.md, "The demo"): the full text stage, a shorter
+        # autoencoder and U-Net; guidance 2 beats 3 and 1.5 on shape (0.78 vs 0.71, 0.74) at
+        # 1,000 U-Net steps
         c.stages.vae.total_steps = 600
-        c.stages.text.total_steps = 1200
         c.stages.unet.total_steps = 1000
         c.total_steps = 1000
         c.sampling.guidance_scale = 2.0
