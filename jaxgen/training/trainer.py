@@ -122,18 +122,19 @@ class Trainer:
 
     task: the stage's task (default: built from config, attached to workdir). resume_step: the
     checkpoint to resume from (default: the newest intact one); steps after it are moved aside
-    to DIR/checkpoints/STEP.superseded, not deleted.
+    to DIR/checkpoints/STEP.superseded, not deleted. progress_label: the progress bar's label
+    (default "train", or "stage NAME" for a stage of a multi-stage run).
     """
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str, stage: str = MAIN_STAGE,
                  task=None, run_config: ml_collections.ConfigDict | None = None,
-                 resume_step: int | None = None):
+                 resume_step: int | None = None, progress_label: str | None = None):
         validate_config(config, workdir)
         enable_compilation_cache()
         self.config, self.workdir, self.stage = config, os.path.abspath(workdir), stage
         self.resume_step = resume_step
-        # the progress bar's label: "train", or the stage's name (and "i/n" when train() sets it)
-        self.progress_label = "train" if stage == MAIN_STAGE else f"stage {stage}"
+        # the progress bar's label (train() passes "stage i/n NAME" for multi-stage runs)
+        self.progress_label = progress_label or ("train" if stage == MAIN_STAGE else f"stage {stage}")
         # the whole run's config: saved with every checkpoint, compared on resume
         self.run_config = config if run_config is None else run_config
         check_writable(self.workdir)
@@ -352,9 +353,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_after: int | Non
         sconf = stage_config(config, stage)
         sub = task.stage_task(stage, frozen, sconf)
         trainer = Trainer(sconf, workdir, stage, sub, run_config=config,
-                          resume_step=step if stage == resume_stage else None)
-        if len(task.stages) > 1:
-            trainer.progress_label = f"stage {i + 1}/{len(task.stages)} {stage}"
+                          resume_step=step if stage == resume_stage else None,
+                          progress_label=f"stage {i + 1}/{len(task.stages)} {stage}" if len(task.stages) > 1 else None)
         state = trainer.fit(stop_after=stop_after)
         trainer.checkpointer.close()
         frozen[stage] = handed_on(sub, state)
