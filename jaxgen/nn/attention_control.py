@@ -42,6 +42,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxgen.nn.attention import attend, attention_logits
+
 PLACES = ("down", "mid", "up")
 
 
@@ -111,12 +113,9 @@ def controlled_attention(q: jax.Array, k: jax.Array, v: jax.Array, site: Attenti
     """
     dtype = q.dtype
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    qf, kf = q.astype(jnp.float32), k.astype(jnp.float32)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", qf, kf) * scale  # [B, H, Lq, Lk]
-    if mask is not None:
-        logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-    probs = site(jax.nn.softmax(logits, axis=-1), is_cross)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v).astype(dtype)
+    probs = site(jax.nn.softmax(attention_logits(q.astype(jnp.float32), k.astype(jnp.float32), scale, mask),
+                                axis=-1), is_cross)
+    return attend(probs.astype(v.dtype), v).astype(dtype)
 
 
 def apply_controlled(module, variables, *args, controller: AttentionController, state: Any = None,
