@@ -74,6 +74,29 @@ def test_prepared_data_is_reused(digits, data_dir, monkeypatch):
     assert again.captions == digits["test"].captions
 
 
+def test_decoded_split_is_kept_for_the_process(digits, data_dir, monkeypatch):
+    """A split read again in the same process is not decoded again; the caller's arrays are its
+    own (writable copies); a split whose stored files change is read afresh."""
+    from jaxgen.data import sources
+
+    first = load_dataset("digits", "test", data_dir=data_dir)
+    calls = []
+    real = tfds.core.DatasetBuilder.as_data_source
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "as_data_source",
+                        lambda self, *a, **k: calls.append(k) or real(self, *a, **k))
+    again = load_dataset("digits", "test", data_dir=data_dir)
+    assert calls == [] and np.array_equal(again.images, first.images) and again.captions == first.captions
+    again.images[0] = 0                                   # the caller's copy, not the kept examples
+    assert np.array_equal(load_dataset("digits", "test", data_dir=data_dir).images, first.images)
+    kept = next(v for k, v in sources._DECODED.items() if k[1] == "test" and "digits" in k[0])
+    assert not kept[0]["image"].flags.writeable
+    folder = next(k[0] for k in sources._DECODED if k[1] == "test" and "digits" in k[0])
+    info = os.path.join(folder, "dataset_info.json")
+    os.utime(info, ns=(os.stat(info).st_atime_ns, os.stat(info).st_mtime_ns + 1_000_000))
+    assert np.array_equal(load_dataset("digits", "test", data_dir=data_dir).images, first.images)
+    assert len(calls) == 1                                # changed files: decoded again
+
+
 def test_split_and_option_errors(digits, data_dir):
     with pytest.raises(DataError, match="split 'heldout'.*available splits"):
         load_dataset("digits", "heldout", data_dir=data_dir)
