@@ -326,6 +326,49 @@ def test_bfloat16_compute(torch_folders, two_tower):
     assert {x.dtype for x in jax.tree_util.tree_leaves(init_shapes)} == {jnp.dtype(jnp.float32)}
 
 
+@pytest.mark.parametrize("key", list(CONFIGS))
+def test_scan_layers_is_exact_and_compiles_one_layer(torch_folders, key):
+    """scan_layers=True: the same parameter tree (transformers' per-layer names), outputs equal to
+    transformers, gradients equal to the unrolled encoder's, and one layer body in the program."""
+    folder, model = torch_folders[("CLIPModel", key)]
+    module, params = jaxgen.load_pretrained(folder)
+    scanned = module.clone(scan_layers=True)
+    cfg = CONFIGS[key]
+    ids, mask = text_inputs(cfg)
+    pixels = pixel_inputs(cfg)
+    ref = torch_outputs(model, "CLIPModel", ids, mask, pixels)
+    v = {"params": params}
+    out = jax.jit(lambda v: scanned.apply(v, ids, pixels, mask))(v)
+    for name in ("logits_per_image", "text_embeds", "image_embeds"):
+        assert rel_err(getattr(out, name), ref[name]) <= TOL, name
+    # initialisation stores the unrolled layout
+    shapes = lambda m: jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), m.abstract_params())
+    assert shapes(scanned) == shapes(module)
+    assert "layers_1" in scanned.abstract_params()["vision_model"]["encoder"]
+
+    def loss(m):
+        return lambda p: jnp.sum(m.apply({"params": p}, ids, pixels, mask).logits_per_image ** 2)
+
+    g_loop, g_scan = (jax.jit(jax.grad(loss(m)))(params) for m in (module, scanned))
+    for a, b in zip(jax.tree_util.tree_leaves(g_loop), jax.tree_util.tree_leaves(g_scan)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5 * float(jnp.abs(a).max()) + 1e-7)
+    # the program holds one encoder layer per tower: each layer's softmax has one exp, so the
+    # unrolled program has one per layer and the scanned one one per tower (plus CLIPModel's exp of
+    # logit_scale in both)
+    count = lambda m: str(jax.make_jaxpr(lambda p: m.apply({"params": p}, ids, pixels))(params)).count(" exp ")
+    layers = cfg["text"]["num_hidden_layers"] + cfg["vision"]["num_hidden_layers"]
+    assert count(module) - count(scanned) == layers - 2 > 0
+
+
+def test_scan_layers_names_missing_layers(two_tower):
+    module, params, _ = two_tower
+    broken = jax.tree_util.tree_map(lambda a: a, params)
+    del broken["text_model"]["encoder"]["layers_0"]
+    ids, _ = text_inputs(CONFIGS["quick_gelu_eos"])
+    with pytest.raises(ConfigError, match="layers_0"):
+        module.clone(scan_layers=True).apply({"params": broken}, ids, method="get_text_features")
+
+
 def test_input_errors(two_tower):
     module, params, _ = two_tower
     cfg = CONFIGS["quick_gelu_eos"]

@@ -22,7 +22,7 @@ from jaxgen.errors import ConfigError, JaxgenError, WeightError
 
 # Fields that say how jaxgen runs a model, not what the model is: never read from or written to
 # config.json (transformers writes "dtype" there to describe the stored weights).
-RUNTIME_FIELDS = ("attention_impl", "dtype", "param_dtype")
+RUNTIME_FIELDS = ("attention_impl", "dtype", "param_dtype", "scan_layers")
 # What building a module from impossible config values raises (inside Flax, JAX or NumPy).
 BUILD_ERRORS = (TypeError, ValueError, ArithmeticError, IndexError, KeyError, AssertionError, FlaxError)
 DIFFUSERS_VERSION = "0.36.0"      # written into configs we save; diffusers reads any version
@@ -74,7 +74,8 @@ class Pretrained:
     @classmethod
     def from_pt_config(cls, cfg: Mapping[str, Any], **runtime):
         """The module described by a PyTorch-side config dict (tolerant, see jaxgen.convert.config);
-        ``runtime`` sets the RUNTIME_FIELDS the class has (attention_impl, dtype, param_dtype)."""
+        ``runtime`` sets the RUNTIME_FIELDS the class has (attention_impl, dtype, param_dtype,
+        scan_layers)."""
         unknown = set(runtime) - set(RUNTIME_FIELDS)
         if unknown:
             raise TypeError(f"from_pt_config: unexpected arguments {sorted(unknown)}; runtime options are "

@@ -16,8 +16,12 @@ unprefixed single-tower layout.
 Precision: ``dtype`` is the computation dtype (float32 default; bfloat16 for speed), parameters
 stay ``param_dtype`` (float32). Layer norms and the attention softmax reduce in float32; the
 two-tower logits are computed in float32. ``attention_impl`` picks the attention kernel
-(``jaxgen.nn.attention``: "xla", "cudnn", "auto"). Neither is part of config.json: set them on
-the module, e.g. ``module.clone(dtype=jnp.bfloat16)`` after ``jaxgen.load_pretrained``.
+(``jaxgen.nn.attention``: "xla", "cudnn", "auto"). ``scan_layers=True`` runs the encoder layers as
+one ``lax.scan`` over their stacked weights, so XLA compiles one layer body instead of
+``num_hidden_layers`` copies (same results; the parameters keep transformers' per-layer names
+``layers_<i>``, stacked only inside the program; docs/PERFORMANCE.md measures when it pays). None
+of these is part of config.json: set them on the module, e.g. ``module.clone(dtype=jnp.bfloat16,
+scan_layers=True)`` after ``jaxgen.load_pretrained``.
 
 Dropout: none is applied (transformers' CLIP uses only attention dropout, 0.0 in every released
 config); a config with ``attention_dropout > 0`` loads with a warning saying so.
@@ -69,7 +73,7 @@ _GENERIC_HF_KEYS = frozenset({
     "text_config_dict", "vision_config_dict", "use_cache",
 })
 # Module fields that are runtime choices, not architecture: never read from or written to config.json.
-_RUNTIME_FIELDS = ("dtype", "param_dtype", "attention_impl")
+_RUNTIME_FIELDS = ("dtype", "param_dtype", "attention_impl", "scan_layers")
 
 
 _COMMON_SUPPORTED = {
@@ -160,6 +164,7 @@ class TowerSpec:
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "xla"
+    scan_layers: bool = False
 
     def check(self, owner: str) -> None:
         activation(self.hidden_act, CLIP_ACTIVATION_NAMES, field="hidden_act", owner=owner)  # or ConfigError
@@ -253,6 +258,63 @@ class CLIPEncoder(nn.Module):
         return x
 
 
+class _ScanEncoderLayer(CLIPEncoderLayer):
+    """CLIPEncoderLayer with the (carry, output) signature of ``nn.scan``."""
+
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, None]:
+        return super().__call__(x, mask), None
+
+
+class _StackedLayers(nn.Module):
+    """The encoder's layers as one ``nn.scan`` over weights stacked on a leading layer axis
+    (params {"layers": {... [N, ...]}}); ``ScannedCLIPEncoder`` gives them per-layer names."""
+    spec: TowerSpec
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        scan = nn.scan(_ScanEncoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+                       in_axes=(nn.broadcast,), length=self.spec.num_hidden_layers)
+        return scan(self.spec, name="layers")(x, mask)[0]
+
+
+def _stack_layers(collections: Mapping[str, Any]) -> dict[str, Any]:
+    """{"params": {"layers_0": t0, ..., "layers_<N-1>": t(N-1)}} -> {"params": {"layers": stacked}}."""
+    params = collections.get("params") or {}
+    if not params:           # initialisation: nothing stored yet
+        return dict(collections)
+    n = len(params)
+    missing = [f"layers_{i}" for i in range(n) if f"layers_{i}" not in params]
+    if missing:
+        raise ConfigError(f"CLIP encoder with scan_layers=True: expected the parameters layers_0 .. "
+                          f"layers_{n - 1}, missing {missing}; the weights do not fit this model.")
+    layers = [params[f"layers_{i}"] for i in range(n)]
+    return {**collections, "params": {"layers": jax.tree_util.tree_map(lambda *a: jnp.stack(a), *layers)}}
+
+
+def _unstack_layers(collections: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of _stack_layers (what initialisation stores: transformers' per-layer names)."""
+    params = collections.get("params") or {}
+    if not params:
+        return dict(collections)
+    stacked = params["layers"]
+    n = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+    return {**collections, "params": {f"layers_{i}": jax.tree_util.tree_map(lambda a, i=i: a[i], stacked)
+                                      for i in range(n)}}
+
+
+# CLIPEncoder's parameter tree (layers_<i>), run as one scan over the stacked layers
+ScannedCLIPEncoder = nn.map_variables(_StackedLayers, "params", trans_in_fn=_stack_layers,
+                                      trans_out_fn=_unstack_layers, init=True)
+
+
+def clip_encoder(spec: TowerSpec) -> nn.Module:
+    """The encoder of a tower: ScannedCLIPEncoder with spec.scan_layers (and more than one layer),
+    else CLIPEncoder; both have the same parameters and outputs."""
+    if spec.scan_layers and spec.num_hidden_layers > 1:
+        return ScannedCLIPEncoder(spec)
+    return CLIPEncoder(spec)
+
+
 class CLIPTextEmbeddings(nn.Module):
     spec: TowerSpec
     vocab_size: int
@@ -280,7 +342,7 @@ class CLIPTextTransformer(nn.Module):
 
     def setup(self):
         self.embeddings = CLIPTextEmbeddings(self.spec, self.vocab_size, self.max_position_embeddings)
-        self.encoder = CLIPEncoder(self.spec)
+        self.encoder = clip_encoder(self.spec)
         self.final_layer_norm = _layer_norm(self.spec)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> CLIPTextOutput:
@@ -349,7 +411,7 @@ class CLIPVisionTransformer(nn.Module):
         self.embeddings = CLIPVisionEmbeddings(self.spec, self.image_size, self.patch_size,
                                                self.initializer_range)
         self.pre_layrnorm = _layer_norm(self.spec)   # transformers' spelling
-        self.encoder = CLIPEncoder(self.spec)
+        self.encoder = clip_encoder(self.spec)
         self.post_layernorm = _layer_norm(self.spec)
 
     def __call__(self, pixel_values: jax.Array) -> CLIPVisionOutput:
@@ -430,8 +492,8 @@ def _vision_transformer(fields: Mapping[str, Any], runtime: Mapping[str, Any], o
 
 
 class _CLIPTextBase(nn.Module, _CLIPPretrained):
-    """Fields of transformers' CLIPTextConfig, plus the runtime fields dtype, param_dtype and
-    attention_impl (not written to config.json)."""
+    """Fields of transformers' CLIPTextConfig, plus the runtime fields dtype, param_dtype,
+    attention_impl and scan_layers (not written to config.json)."""
     vocab_size: int = 49408
     hidden_size: int = 512
     intermediate_size: int = 2048
@@ -450,6 +512,7 @@ class _CLIPTextBase(nn.Module, _CLIPPretrained):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "xla"
+    scan_layers: bool = False
 
     pt_supported = TEXT_SUPPORTED
     pt_model_type = "clip_text_model"
@@ -501,7 +564,8 @@ class CLIPTextModelWithProjection(_CLIPTextBase):
 
 
 class _CLIPVisionBase(nn.Module, _CLIPPretrained):
-    """Fields of transformers' CLIPVisionConfig, plus dtype, param_dtype and attention_impl."""
+    """Fields of transformers' CLIPVisionConfig, plus the runtime fields dtype, param_dtype,
+    attention_impl and scan_layers (not written to config.json)."""
     hidden_size: int = 768
     intermediate_size: int = 3072
     projection_dim: int = 512
@@ -518,6 +582,7 @@ class _CLIPVisionBase(nn.Module, _CLIPPretrained):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "xla"
+    scan_layers: bool = False
 
     pt_supported = VISION_SUPPORTED
     pt_model_type = "clip_vision_model"
@@ -604,6 +669,7 @@ class CLIPModel(nn.Module, _CLIPPretrained):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "xla"
+    scan_layers: bool = False
 
     pt_supported = {"projection_dim": is_int}
     pt_model_type = "clip"
