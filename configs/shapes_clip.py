@@ -9,7 +9,9 @@ zero-shot accuracy of colour, shape, size, position and the whole combination on
 combinations, the test split and 1,800 renders by an independent rasteriser (prompt ensembles;
 docs/CLIP.md), and retrieval recall@1/5 on the test split.
 Arguments (comma-separated after ':'): tiny (seconds, for tests), canonical (train on the
-canonical caption only, no phrasing augmentation).
+canonical caption only, no phrasing augmentation), partial (a quarter of each step's captions name
+only some attributes, "a circle", "a red shape on the left", with the multi-positive loss:
+docs/CLIP.md).
 """
 import math
 
@@ -44,7 +46,10 @@ def clip_config(dataset: str, image_size: int, channels: int, patch_size: int, v
     })
     c.data = ml_collections.ConfigDict({"name": dataset, "train_split": "train", "eval_split": "test",
                                         "heldout_split": heldout_split, "data_dir": "", "options": data_options(),
-                                        "augment_captions": True})
+                                        "augment_captions": True,
+                                        # the fraction of examples per step captioned with only some
+                                        # attributes ("a circle", "a red shape on the left"; shapes)
+                                        "partial_captions": 0.0})
     # train_context: positions of input_ids the training step reads (every caption must fit; the
     # causal text tower ignores what follows the end token, so this only saves compute)
     c.tokenizer = ml_collections.ConfigDict({"min_frequency": 2, "train_context": 16})
@@ -70,7 +75,7 @@ def make_tiny_clip(c: ml_collections.ConfigDict) -> None:
 
 
 def get_config(arg: str | None = None):
-    words = parse_arg(arg, ("tiny", "canonical"))
+    words = parse_arg(arg, ("tiny", "canonical", "partial"))
     # the whole vocabulary the captions support: every word of them becomes one token
     vocab = 578 if "canonical" in words else 596
     # patch 8: 4 x 4 patches + the class token (patch 4 gives 65 tokens and trains ~3x slower per
@@ -78,6 +83,8 @@ def get_config(arg: str | None = None):
     c = clip_config("shapes", image_size=32, channels=3, patch_size=8, vocab_size=vocab,
                     heldout_split="heldout")
     c.data.augment_captions = "canonical" not in words
+    if "partial" in words:
+        c.data.partial_captions = 0.25
     # continuous geometry within the spec (sub-pixel centres and widths, two rasterisers; generated
     # in memory), 100 examples per training combination: zero-shot then holds on renders by
     # another rasteriser (jaxgen.data.shapes_render; docs/ARCHITECTURE.md, CLIP runs)

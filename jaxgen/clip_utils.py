@@ -40,22 +40,35 @@ def clip_logits(image_embeds: jax.Array, text_embeds: jax.Array, logit_scale: ja
 
 
 def clip_loss(image_embeds: jax.Array, text_embeds: jax.Array, logit_scale: jax.Array | float,
-              max_scale: float | None = None) -> jax.Array:
+              max_scale: float | None = None, positives: jax.Array | None = None) -> jax.Array:
     """CLIP's symmetric contrastive loss, a float32 scalar.
 
     image_embeds, text_embeds: [N, D], row i of each is a matching pair (labels = arange(N)); both
     are L2-normalised inside. logit_scale: scalar log inverse temperature (exp'd here).
     Returns (CE(logits_per_image, arange N) + CE(logits_per_text, arange N)) / 2, mean over the
     batch, equal to transformers' ``CLIPModel(..., return_loss=True).loss`` on the same embeddings.
+    positives: None, or bool [N, N] with True where text j fits image i (the diagonal must be
+    True): each image's term is then -log of the softmax mass on all its fitting texts, and each
+    text's term the same over the images it fits (the multi-positive form; the identity matrix
+    gives the loss above).
     """
     image_embeds, text_embeds = jnp.asarray(image_embeds), jnp.asarray(text_embeds)
     if image_embeds.shape[0] != text_embeds.shape[0]:
         raise DataError(f"clip_loss: {image_embeds.shape[0]} images but {text_embeds.shape[0]} texts; "
                         "the contrastive loss pairs row i with row i.")
     logits = clip_logits(image_embeds, text_embeds, logit_scale, max_scale)   # [N, N]
-    diag = jnp.diagonal(logits)
-    per_image = jax.nn.logsumexp(logits, axis=1) - diag     # CE of each image over the texts
-    per_text = jax.nn.logsumexp(logits, axis=0) - diag      # CE of each text over the images
+    if positives is None:
+        diag = jnp.diagonal(logits)
+        per_image = jax.nn.logsumexp(logits, axis=1) - diag     # CE of each image over the texts
+        per_text = jax.nn.logsumexp(logits, axis=0) - diag      # CE of each text over the images
+    else:
+        positives = jnp.asarray(positives, bool)
+        if positives.shape != logits.shape:
+            raise DataError(f"clip_loss: positives has shape {tuple(positives.shape)}, expected "
+                            f"{tuple(logits.shape)} (images x texts).")
+        fit = jnp.where(positives, logits, -jnp.inf)
+        per_image = jax.nn.logsumexp(logits, axis=1) - jax.nn.logsumexp(fit, axis=1)
+        per_text = jax.nn.logsumexp(logits, axis=0) - jax.nn.logsumexp(fit, axis=0)
     return 0.5 * (jnp.mean(per_image) + jnp.mean(per_text))
 
 

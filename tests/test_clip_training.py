@@ -92,6 +92,45 @@ def test_batch_arrays_hold_every_phrasing(tiny_run):
     assert set(which) == set(range(t))
 
 
+def test_partial_captions(tmp_path):
+    """data.partial_captions: captions naming only some attributes, drawn per example from the
+    step key, and the positives matrix that says which texts fit which images."""
+    assert shapes.partial_caption("circle", "red", "small", "left", ["shape"]) == "a circle"
+    assert shapes.partial_caption(0, 0, 0, 0, ["color"]) == "a red shape"
+    assert shapes.partial_caption(1, 2, 1, 4, ["size", "position"]) == "a large shape in the center"
+    assert shapes.partial_caption(1, 2, 1, 4, shapes.ATTRIBUTES) == shapes.caption(1, 2, 1, 4)
+    with pytest.raises(DataError, match="non-empty subset"):
+        shapes.partial_caption(0, 0, 0, 0, [])
+    task = make_task(shapes_clip.get_config("tiny,partial"))
+    assert task.partial == 0.25 and len(task.space.subsets) == 14
+    task.attach(str(tmp_path), training=True)
+    ds = task.load_data("train")
+    arrays = task.batch_arrays(ds)
+    n = len(ds)
+    assert arrays["partial_input_ids"].shape == (n, 14, 77) and arrays["attributes"].shape == (n, 4)
+    a = {k: int(v[5]) for k, v in ds.attributes.items()}
+    assert task.tokenizer.decode(arrays["partial_input_ids"][5, 0]) == shapes.partial_caption(**a, keep=["shape"])
+    batch = {k: jnp.asarray(v[:48]) for k, v in arrays.items()}
+    full = task.pick_captions(batch, jax.random.key(0))
+    ids, pos = (np.asarray(x) for x in task.pick_partial(batch, full, jax.random.key(1)))
+    partial = ~(ids == np.asarray(full)).all(1)
+    assert 0 < partial.sum() < 48 and pos.diagonal().all()
+    attrs = arrays["attributes"][:48]
+    for j in range(48):                       # text j fits image i iff i has every value text j names
+        text = task.tokenizer.decode(ids[j])
+        named = [k for k, name in enumerate(shapes.ATTRIBUTES)
+                 if not partial[j] or shapes.ATTRIBUTE_NAMES[name][attrs[j, k]] in text.split(" ")]
+        want = (attrs[:, named] == attrs[j, named]).all(1)
+        np.testing.assert_array_equal(pos[:, j], want, err_msg=text)
+    loss, _ = jax.jit(task.loss_fn)(task.init_params(jax.random.key(0), batch), batch, jax.random.key(2))
+    assert np.isfinite(float(loss))
+    with pytest.raises(ConfigError, match="partial_captions"):
+        c = shapes_clip.get_config("tiny")
+        c.data.name = "digits"
+        c.data.partial_captions = 0.5
+        make_task(c)
+
+
 def test_tokenizer_must_fit_the_text_config(tiny_run, tmp_path):
     c = shapes_clip.get_config("tiny")
     c.model.text_config.update({"vocab_size": 700, "bos_token_id": 698, "eos_token_id": 699,

@@ -46,6 +46,25 @@ def test_clip_loss_properties():
         clip_loss(x, x[:3], 1.0)
 
 
+def test_clip_loss_with_several_positives():
+    """positives: -log of the softmax mass on every fitting text (and image), by hand in numpy."""
+    rng = np.random.RandomState(2)
+    img, txt = rng.randn(4, 8).astype(np.float32), rng.randn(4, 8).astype(np.float32)
+    eye = np.eye(4, dtype=bool)
+    assert float(clip_loss(img, txt, 1.0, positives=eye)) == pytest.approx(float(clip_loss(img, txt, 1.0)), rel=1e-6)
+    pos = eye.copy()
+    pos[0, 2] = pos[3, 1] = True            # text 2 also fits image 0, text 1 also fits image 3
+    n = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)
+    logits = np.exp(1.5) * n(img) @ n(txt).T
+    soft_i = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    soft_t = np.exp(logits) / np.exp(logits).sum(0, keepdims=True)
+    want = 0.5 * (np.mean(-np.log((soft_i * pos).sum(1))) + np.mean(-np.log((soft_t * pos).sum(0))))
+    assert float(clip_loss(img, txt, 1.5, positives=pos)) == pytest.approx(want, rel=1e-5)
+    assert float(clip_loss(img, txt, 1.5, positives=pos)) < float(clip_loss(img, txt, 1.5))
+    with pytest.raises(DataError, match="positives has shape"):
+        clip_loss(img, txt, 1.0, positives=eye[:3])
+
+
 def test_zero_shot_classifier_and_logits():
     rng = np.random.RandomState(2)
     classes = l2_normalize(rng.randn(3, 16))                        # [C, D]

@@ -162,6 +162,26 @@ def captions(shape, color, size, position) -> list[str]:
     return [caption(shape, color, size, position, t) for t in range(len(CAPTION_TEMPLATES))]
 
 
+def partial_caption(shape, color, size, position, keep) -> str:
+    """The canonical caption naming only the attributes in ``keep`` (a non-empty collection of
+    ATTRIBUTES), the others left out; without the shape the noun is "shape":
+    keep=("shape",) -> "a circle", ("color",) -> "a red shape", ("size", "position") ->
+    "a small shape on the left". All four give the canonical caption."""
+    keep = set(keep)
+    if not keep or not keep <= set(ATTRIBUTES):
+        raise DataError(f"partial_caption: keep={sorted(keep)} must be a non-empty subset of {ATTRIBUTES}")
+    s, c, z, p = (_attribute_id(v, a) for v, a in zip((shape, color, size, position), ATTRIBUTES))
+    words = ["a"]
+    if "size" in keep:
+        words.append(SIZES[z])
+    if "color" in keep:
+        words.append(COLORS[c])
+    words.append(SHAPES[s] if "shape" in keep else "shape")
+    if "position" in keep:
+        words.append(PLACE_PHRASES[p])
+    return " ".join(words)
+
+
 def parse_caption(text: str) -> dict:
     """Attribute ids ``{"shape", "color", "size", "position"}`` (ints) of a canonical caption,
     e.g. "a large red circle on the left" -> {shape: 0, color: 0, size: 1, position: 0}."""

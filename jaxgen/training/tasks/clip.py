@@ -86,6 +86,8 @@ class CaptionSpace:
             self.attribute_names = {a: shapes.ATTRIBUTE_NAMES[a] for a in shapes.ATTRIBUTES}
             self._caption = lambda k, t: shapes.caption(*(int(combo[a][k]) for a in shapes.ATTRIBUTES),
                                                         template=t)
+            self._partial = lambda k, keep: shapes.partial_caption(
+                *(int(combo[a][k]) for a in shapes.ATTRIBUTES), keep)
         elif name == "digits":
             from jaxgen.data import digits
 
@@ -94,6 +96,7 @@ class CaptionSpace:
             self.attributes = {"digit": np.arange(self.num_classes)}
             self.attribute_names = {"digit": digits.DIGIT_WORDS}
             self._caption = lambda k, t: digits.caption(int(k), template=t)
+            self._partial = None
         else:
             raise ConfigError(f"dataset {name!r} has no caption templates; CaptionSpace knows "
                               "'shapes' and 'digits'.")
@@ -104,6 +107,21 @@ class CaptionSpace:
 
     def caption(self, k: int, t: int = 0) -> str:
         return self._caption(k, t)
+
+    @property
+    def subsets(self) -> tuple[tuple[str, ...], ...]:
+        """The proper, non-empty subsets of the attributes a partial caption can name (shapes: 14),
+        in a fixed order; () for a space whose captions name one attribute."""
+        names = tuple(self.attributes)
+        if self._partial is None or len(names) < 2:
+            return ()
+        return tuple(tuple(a for j, a in enumerate(names) if m >> j & 1) for m in range(1, 2 ** len(names) - 1))
+
+    def partial_caption(self, k: int, keep) -> str:
+        """Class k's caption naming only the attributes in ``keep`` (shapes.partial_caption)."""
+        if self._partial is None:
+            raise ConfigError("this dataset's captions name one attribute: there are no partial captions.")
+        return self._partial(k, keep)
 
     def classes_of(self, ds) -> np.ndarray:
         if ds.labels is None:
@@ -136,6 +154,12 @@ class ClipTask(Task):
         if config.data.augment_captions and self.space is None:
             raise ConfigError(f"data.augment_captions=True, but dataset {config.data.name!r} has no "
                               "other caption phrasings; set data.augment_captions=False.")
+        # the fraction of a step's examples whose caption names only some attributes
+        self.partial = check_range("data.partial_captions", config.data.get("partial_captions", 0.0) or 0.0,
+                                   0.0, 1.0, high_open=True, hint="0 turns partial captions off")
+        if self.partial and (self.space is None or not self.space.subsets):
+            raise ConfigError(f"data.partial_captions={self.partial}: dataset {config.data.name!r} has no "
+                              "captions that name several attributes; set data.partial_captions=0.")
         channels = self.vision_cfg["num_channels"]
         self.pixel_mean = CLIP_MEAN if channels == 3 else (0.5,) * channels
         self.pixel_std = CLIP_STD if channels == 3 else (0.5,) * channels
@@ -161,7 +185,13 @@ class ClipTask(Task):
             return list(ds.captions)
         classes = self.space.classes_of(ds)
         phr = {k: [self.space.caption(k, t) for t in self.templates] for k in np.unique(classes)}
-        return [text for k in classes for text in phr[k]]
+        return [text for k in classes for text in phr[k]] + self.partial_texts(np.unique(classes))
+
+    def partial_texts(self, classes) -> list[str]:
+        """With data.partial_captions: every partial caption of the given classes, once each."""
+        if not self.partial:
+            return []
+        return [self.space.partial_caption(int(k), keep) for k in classes for keep in self.space.subsets]
 
     def make_tokenizer(self):
         """Learn the run's vocabulary on the training captions (deterministic) and check that it
@@ -259,9 +289,17 @@ class ClipTask(Task):
             alt_text = [self.space.caption(k, t) for k in uniq for t in self.templates[1:]]
             alt = tok(alt_text).reshape(len(uniq), len(self.templates) - 1, CONTEXT_LENGTH)
             arrays["alt_input_ids"] = alt[inverse]                       # [N, T - 1, 77]
-        ends = _text_lengths(np.concatenate([arrays["input_ids"],
-                                             arrays.get("alt_input_ids", arrays["input_ids"][:0, None])
-                                             .reshape(-1, CONTEXT_LENGTH)]), tok.eos_token_id)
+        if self.partial:
+            classes = self.space.classes_of(ds)
+            arrays["attributes"] = np.stack([self.space.attributes[a][classes] for a in self.space.attributes],
+                                            axis=1).astype(np.int32)         # [N, A]
+            uniq, inverse = np.unique(classes, return_inverse=True)
+            subsets = self.space.subsets
+            part = tok(self.partial_texts(uniq)).reshape(len(uniq), len(subsets), CONTEXT_LENGTH)
+            arrays["partial_input_ids"] = part[inverse]                  # [N, S, 77]
+        ends = _text_lengths(np.concatenate([arrays["input_ids"]] + [
+            arrays[k].reshape(-1, CONTEXT_LENGTH) for k in ("alt_input_ids", "partial_input_ids") if k in arrays]),
+            tok.eos_token_id)
         if ends.max() > self.train_context:
             raise ConfigError(f"a training caption takes {ends.max()} tokens (start and end included) but "
                               f"tokenizer.train_context={self.train_context}: set it to at least "
@@ -296,20 +334,45 @@ class ClipTask(Task):
         pick = jax.random.randint(key, (ids.shape[0],), 0, every.shape[1])       # [B]
         return jnp.take_along_axis(every, pick[:, None, None], axis=1)[:, 0]      # [B, 77]
 
+    def pick_partial(self, batch: dict, ids: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """data.partial_captions = p: each example's caption is, with probability p, one naming a
+        uniformly drawn proper subset of its attributes (batch["partial_input_ids"] [B, S, 77]),
+        else ``ids``. Returns (ids int32 [B, 77], positives bool [B, B]): text j fits image i when
+        every attribute text j names has image i's value (the diagonal, and identical captions,
+        included), for clip_loss's multi-positive form."""
+        b = ids.shape[0]
+        k_use, k_subset = jax.random.split(key)
+        use = jax.random.uniform(k_use, (b,)) < self.partial                         # [B]
+        subset = jax.random.randint(k_subset, (b,), 0, batch["partial_input_ids"].shape[1])
+        partial = jnp.take_along_axis(batch["partial_input_ids"], subset[:, None, None], axis=1)[:, 0]
+        ids = jnp.where(use[:, None], partial, ids)
+        names = list(self.space.attributes)
+        masks = jnp.asarray([[a in keep for a in names] for keep in self.space.subsets])   # [S, A]
+        named = jnp.where(use[:, None], masks[subset], True)                         # [B, A] text j names a
+        attrs = batch["attributes"]                                                  # [B, A]
+        agree = attrs[:, None, :] == attrs[None, :, :]                               # [B(image), B(text), A]
+        return ids, jnp.all(agree | ~named[None, :, :], axis=-1)
+
     def loss_fn(self, params, batch, key):
         """CLIP loss over the whole (global) batch: batch["image"] uint8 [B, S, S, C],
         batch["input_ids"] int32 [B, 77] (+ "alt_input_ids" [B, T - 1, 77]). Returns
         (loss float32 scalar, {"logit_scale_exp": exp(clamped logit_scale), the inverse temperature
         in [0, max_logit_scale]; "i2t_top1": fraction of images whose most similar caption in the
         batch is theirs (or the same text), in [0, 1]})."""
-        ids = self.pick_captions(batch, jax.random.fold_in(key, 0))[:, :self.train_context]
+        ids = self.pick_captions(batch, jax.random.fold_in(key, 0))
+        positives = None
+        if self.partial:
+            ids, positives = self.pick_partial(batch, ids, jax.random.fold_in(key, 1))
+        ids = ids[:, :self.train_context]
         dtype = jax.tree_util.tree_leaves(params)[0].dtype
         out = self.model.apply({"params": params}, ids, self.pixel_values(batch["image"]).astype(dtype))
         scale = self.clamped_logit_scale(params)
-        loss = clip_utils.clip_loss(out.image_embeds, out.text_embeds, scale)
-        # in-batch accuracy: the own caption (or an identical one) scores highest
+        loss = clip_utils.clip_loss(out.image_embeds, out.text_embeds, scale, positives=positives)
+        # in-batch accuracy: the own caption (or an identical one, or one that fits) scores highest
         sim = out.image_embeds @ out.text_embeds.T                                   # [B, B]
         same = jnp.all(ids[:, None, :] == ids[None, :, :], axis=-1)                  # [B, B]
+        if positives is not None:
+            same = same | positives
         best = jnp.argmax(sim, axis=1)
         top1 = jnp.mean(jnp.take_along_axis(same, best[:, None], axis=1))
         return loss, {"logit_scale_exp": jnp.exp(scale), "i2t_top1": top1}
