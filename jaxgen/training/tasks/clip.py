@@ -279,7 +279,9 @@ class ClipTask(Task):
 
     def batch_arrays(self, ds) -> dict[str, np.ndarray]:
         """{"image": uint8 [N, H, W, C], "input_ids": int32 [N, 77] (canonical captions), and with
-        data.augment_captions "alt_input_ids": int32 [N, T - 1, 77] (the other phrasings)}."""
+        data.augment_captions "alt_input_ids": int32 [N, T - 1, 77] (the other phrasings); with
+        data.partial_captions "partial_input_ids": int32 [N, S, 77] (the captions naming each of
+        the S attribute subsets) and "attributes": int32 [N, A] (each example's values)}."""
         fields = self.gather(ds)
         tok = self.tokenizer
         arrays = {"image": fields["image"], "input_ids": tok(fields["caption"])}
@@ -355,7 +357,9 @@ class ClipTask(Task):
 
     def loss_fn(self, params, batch, key):
         """CLIP loss over the whole (global) batch: batch["image"] uint8 [B, S, S, C],
-        batch["input_ids"] int32 [B, 77] (+ "alt_input_ids" [B, T - 1, 77]). Returns
+        batch["input_ids"] int32 [B, 77] (+ "alt_input_ids" [B, T - 1, 77]; with
+        data.partial_captions "partial_input_ids" [B, S, 77] and "attributes" [B, A], and the
+        multi-positive loss). Returns
         (loss float32 scalar, {"logit_scale_exp": exp(clamped logit_scale), the inverse temperature
         in [0, max_logit_scale]; "i2t_top1": fraction of images whose most similar caption in the
         batch is theirs (or the same text), in [0, 1]})."""
