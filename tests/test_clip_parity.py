@@ -326,10 +326,12 @@ def test_bfloat16_compute(torch_folders, two_tower):
     assert {x.dtype for x in jax.tree_util.tree_leaves(init_shapes)} == {jnp.dtype(jnp.float32)}
 
 
-@pytest.mark.parametrize("key", list(CONFIGS))
+@pytest.mark.parametrize("key", ["gelu_legacy_eos2"])
 def test_scan_layers_is_exact_and_compiles_one_layer(torch_folders, key):
     """scan_layers=True: the same parameter tree (transformers' per-layer names), outputs equal to
-    transformers, gradients equal to the unrolled encoder's, and one layer body in the program."""
+    transformers, gradients equal to the unrolled encoder's, and one layer body in the program.
+    One config keeps the suite short: its 3-layer vision tower is scanned, its 1-layer text tower
+    takes the unrolled path."""
     folder, model = torch_folders[("CLIPModel", key)]
     module, params = jaxgen.load_pretrained(folder)
     scanned = module.clone(scan_layers=True)
