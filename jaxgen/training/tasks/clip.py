@@ -285,17 +285,16 @@ class ClipTask(Task):
         fields = self.gather(ds)
         tok = self.tokenizer
         arrays = {"image": fields["image"], "input_ids": tok(fields["caption"])}
-        if len(self.templates) > 1:
+        if len(self.templates) > 1 or self.partial:
             classes = self.space.classes_of(ds)
             uniq, inverse = np.unique(classes, return_inverse=True)
+        if len(self.templates) > 1:
             alt_text = [self.space.caption(k, t) for k in uniq for t in self.templates[1:]]
             alt = tok(alt_text).reshape(len(uniq), len(self.templates) - 1, CONTEXT_LENGTH)
             arrays["alt_input_ids"] = alt[inverse]                       # [N, T - 1, 77]
         if self.partial:
-            classes = self.space.classes_of(ds)
             arrays["attributes"] = np.stack([self.space.attributes[a][classes] for a in self.space.attributes],
                                             axis=1).astype(np.int32)         # [N, A]
-            uniq, inverse = np.unique(classes, return_inverse=True)
             subsets = self.space.subsets
             part = tok(self.partial_texts(uniq)).reshape(len(uniq), len(subsets), CONTEXT_LENGTH)
             arrays["partial_input_ids"] = part[inverse]                  # [N, S, 77]
