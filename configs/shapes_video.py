@@ -7,8 +7,10 @@ frame, temporal convolutions and temporal attention across frames) trained from 
 (``jaxgen.data.shapes.moving_clips``: 6,480 training clips, "a red circle moving right", "a small
 blue square moving up", "a green triangle standing still"). Latent space: the frozen shapes
 autoencoder of the base run (configs/shapes_ldm.py; ``base_run``) applied per frame, 8x8x4
-latents per frame, encoded once; the base's text tower (frozen) and its objective
-(v-prediction, zero-terminal-SNR schedule, latent scaling). 10% caption dropout for guidance.
+latents per frame, encoded once; a copy of the base's text tower trained with the U-Net
+(video.train_text_encoder; docs/VIDEO.md: frozen, it cannot tell "moving up" from "moving down")
+and the base's objective (v-prediction, zero-terminal-SNR schedule, latent scaling). 10% caption
+dropout for guidance.
 video.joint_images > 0 adds still images of the base's data as one-frame clips (joint training).
 ``python -m train.sample --workdir runs/shapes_video --prompt "a red circle moving right" --num 4 --out x.gif``
 (an animated GIF; .png: a strip, a row per clip).
@@ -46,6 +48,9 @@ def get_config(arg: str | None = None):
         "caption_dropout": 0.1,
         "temporal_dropout": True,    # the temporal convolutions' dropout 0.1 (diffusers' train mode)
         "joint_images": 0,           # still images per step as one-frame clips (0: clips only)
+        # train a copy of the base's text tower with the U-Net: the frozen one never saw "up" /
+        # "down" / "still" and maps "moving up" and "moving down" to nearly one context
+        "train_text_encoder": True,
     })
     c.sampling = ml_collections.ConfigDict({"num_steps": None, "guidance_scale": None,   # None: the base's
                                             "batch_size": 64})                          # clips per call

@@ -94,14 +94,77 @@ def test_shapes_dataset_moving_option(data_dir):
 
 
 # -- the run --------------------------------------------------------------------------------------
-def test_trains_only_the_3d_unet(run, base):
-    assert run.step == 2 and run.task.name == "video"
+def test_trains_the_3d_unet_and_a_copy_of_the_text_tower(run, base):
+    assert run.step == 2 and run.task.name == "video" and run.task.trains_text
     m = run.task.model
     assert type(m).__name__ == "UNet3DConditionModel"
     assert (m.in_channels, m.out_channels, m.cross_attention_dim) == (4, 4, 32)   # the tiny base's
-    assert "transformer_in" in run.params and "text_model" not in run.params
+    assert set(run.params) == {"unet", "text_encoder"} and "transformer_in" in run.params["unet"]
     batch = run.task.example_batch()
     assert batch["latent_mean"].shape == (1, 3, 16, 16, 4)
+    # the copy was trained (its token embeddings moved), the base's own tower was not
+    ours = run.params["text_encoder"]["text_model"]["embeddings"]["token_embedding"]["embedding"]
+    theirs = base.params["text"]["text_model"]["embeddings"]["token_embedding"]["embedding"]
+    assert ours.shape == theirs.shape and not np.allclose(ours, theirs)
+    assert run.task.base_params["text"]["text_model"]["embeddings"]["token_embedding"]["embedding"] is not ours
+    np.testing.assert_array_equal(run.task.base_params["text"]["text_model"]["embeddings"]["token_embedding"]
+                                  ["embedding"], theirs)
+    # the run conditions on its own tower: its context differs from the base's
+    t = ["a red circle moving up"]
+    assert not np.allclose(run.task.encode_text(run.params, t), base.task.encode_text(base.params, t))
+
+
+def test_frozen_text_tower_option(run, base, tmp_path):
+    """video.train_text_encoder = False: the params are the U-Net's alone and the loss's contexts
+    are the base's, computed once."""
+    c = tiny_config(base.workdir)
+    c.video.train_text_encoder = False
+    task = make_task(c)
+    task.attach(str(tmp_path / "frozen"), training=True)
+    arrays = task.batch_arrays(load_dataset("shapes", "train", moving=3, num_examples=4))
+    params = jax.eval_shape(task.init_params, jax.random.key(0), arrays)
+    assert "transformer_in" in params and "text_encoder" not in params
+    loss, _ = jax.eval_shape(task.loss_fn, run.params["unet"], arrays, jax.random.key(0))
+    assert loss.shape == ()
+    np.testing.assert_allclose(task.encode_text(run.params["unet"], ["a red circle"]),
+                               base.task.encode_text(base.params, ["a red circle"]), atol=1e-6)
+    with c.ignore_type():
+        c.video.train_text_encoder = "yes"
+    with pytest.raises(ConfigError, match="train_text_encoder"):
+        make_task(c)
+
+
+def test_export_to_diffusers(run, tmp_path):
+    """train.export writes a TextToVideoSDPipeline folder: diffusers loads it and reproduces the
+    run's sampling with the same latents, the trained text tower included."""
+    import json
+    import os
+
+    import diffusers
+    import torch
+
+    from jaxgen.convert.pretrained import load_pretrained
+    from jaxgen.pipelines.export import export_stable_diffusion
+
+    folder = export_stable_diffusion(run, str(tmp_path / "video"))
+    index = json.load(open(os.path.join(folder, "model_index.json")))
+    assert index["_class_name"] == "TextToVideoSDPipeline" and "safety_checker" not in index
+    assert index["unet"] == ["diffusers", "UNet3DConditionModel"]
+    _, text = load_pretrained(os.path.join(folder, "text_encoder"))
+    np.testing.assert_array_equal(text["text_model"]["final_layer_norm"]["scale"],
+                                  run.params["text_encoder"]["text_model"]["final_layer_norm"]["scale"])
+    task = run.task
+    prompts = (PROMPTS * 6)[:16]                       # the batch run.sample compiled for
+    steps, g, sched = task.sampling_settings(None, None, None)
+    latents = np.asarray(jax.random.normal(jax.random.key(3), (16, 3, *task.latent_shape)), np.float32)
+    ours = task.pipeline(run.params)(prompts, num_frames=3, height=32, width=32, num_inference_steps=steps,
+                                     guidance_scale=g, latents=latents, scheduler=sched)
+    pipe = diffusers.TextToVideoSDPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        ref = pipe(prompts, num_frames=3, height=32, width=32, num_inference_steps=steps, guidance_scale=g,
+                   latents=torch.from_numpy(latents.transpose(0, 4, 1, 2, 3).copy()), output_type="np").frames
+    np.testing.assert_allclose(ours, np.asarray(ref), atol=1e-3)
 
 
 def test_sample(run):

@@ -6,7 +6,7 @@ scheduler/ (jaxgen.pipelines.export). diffusers' StableDiffusionPipeline.from_pr
 and jaxgen.StableDiffusionPipeline.from_pretrained(FOLDER) both load it. Runs trained on a frozen
 base write their own diffusers pipeline: a ControlNet run a StableDiffusionControlNetPipeline
 folder, an ip2p run a StableDiffusionInstructPix2PixPipeline folder, an upscale run a
-StableDiffusionUpscalePipeline folder, a LoRA run the base folder with lora/ (load it with
+StableDiffusionUpscalePipeline folder, a video run a TextToVideoSDPipeline folder, a LoRA run the base folder with lora/ (load it with
 pipe.load_lora_weights(FOLDER + "/lora")).
 """
 from __future__ import annotations

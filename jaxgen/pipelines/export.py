@@ -25,7 +25,8 @@ and parts: a ControlNet run adds controlnet/ (StableDiffusionControlNetPipeline)
 InstructPix2Pix run writes its 8-channel unet/ (StableDiffusionInstructPix2PixPipeline), an
 upscale run its 7-channel unet/, low_res_scheduler/ and max_noise_level
 (StableDiffusionUpscalePipeline), a LoRA run the base folder plus lora/pytorch_lora_weights.safetensors
-(diffusers' ``pipe.load_lora_weights(folder + "/lora")``).
+(diffusers' ``pipe.load_lora_weights(folder + "/lora")``), a video run its UNet3DConditionModel
+and text tower as a TextToVideoSDPipeline folder (no safety-checker entries: that class has none).
 
 A run can be exported when its task offers ``pipeline_components(params)`` (the ldm task does).
 Those components are also what the run samples with: the ldm task's ``run.sample`` is a
@@ -49,6 +50,8 @@ MODEL_INDEX = "model_index.json"
 # the components a StableDiffusionPipeline folder names, with their library and class
 MODEL_COMPONENTS = {"unet": "diffusers", "vae": "diffusers", "text_encoder": "transformers"}
 NULL_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
+# pipeline classes whose constructor has no safety checker (nor the null entries above)
+NO_SAFETY_CHECKER = ("TextToVideoSDPipeline",)
 # scheduler fields diffusers' StableDiffusionPipeline overrides when it loads a folder (it sets
 # steps_offset to 1 and clip_sample to False): a run sampling otherwise would not be reproduced
 PIPELINE_SCHEDULER_FIELDS = {"steps_offset": 1, "clip_sample": False}
@@ -81,14 +84,16 @@ def model_components(components: dict[str, Any]) -> list[str]:
 
 def model_index(components: dict[str, Any]) -> dict[str, Any]:
     """The model_index.json dict of a StableDiffusionPipeline with ``components`` (as returned by
-    a task's ``pipeline_components``): diffusers' own layout, no safety checker. The class is
+    a task's ``pipeline_components``): diffusers' own layout, no safety checker (null entries, or
+    none for a class without one: NO_SAFETY_CHECKER). The class is
     components["pipeline_class"] when given (e.g. "StableDiffusionControlNetPipeline"), and every
     further (module, params) entry (e.g. "controlnet") is listed with its library and class."""
     index: dict[str, Any] = {"_class_name": components.get("pipeline_class", "StableDiffusionPipeline"),
                              "_diffusers_version": DIFFUSERS_VERSION}
-    for name in NULL_COMPONENTS:
-        index[name] = [None, None]
-    index["requires_safety_checker"] = False
+    if index["_class_name"] not in NO_SAFETY_CHECKER:
+        for name in NULL_COMPONENTS:
+            index[name] = [None, None]
+        index["requires_safety_checker"] = False
     index["scheduler"] = ["diffusers", type(components["scheduler"]).__name__]
     for name in model_components(components):
         module, _ = components[name]

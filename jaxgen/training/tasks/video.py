@@ -16,12 +16,24 @@ caption is dropped to the empty prompt with probability video.caption_dropout (c
 guidance). video.temporal_dropout applies the temporal convolutions' dropout (0.1, diffusers'
 train mode).
 
+The text tower, video.train_text_encoder: False keeps the base's text tower frozen (the captions'
+contexts are computed once; the run's params are the U-Net's tree). True (the default config)
+trains a copy of it with the U-Net: the run's params are then {"unet": ..., "text_encoder":
+{"text_model": ...}}, initialised from the base's text tower, and each step encodes the data's
+captions (and the empty prompt) with the current weights. The base's text tower was trained on the
+image captions only: words the clips add ("moving up", "moving down", "standing still") are split
+into single characters its CLIP stage never trained, and the frozen tower maps "moving up" and
+"moving down" to nearly the same context (docs/VIDEO.md); the U-Net cannot tell them apart.
+
 Joint training on images (Video Diffusion Models, Ho et al.), video.joint_images = K > 0: every
 step also trains on K still images of the base's own training data (its data config, its
 captions: "a large red circle on the left") as one-frame clips, so temporal attention and
 convolution see one frame (the paper's masked temporal attention) while the spatial layers learn
 from the images; the loss is the mean over the B clips and K images. Example j of the clip data
 carries image j mod (number of images).
+
+Export: ``python -m train.export`` writes a diffusers TextToVideoSDPipeline folder (the U-Net, the
+base's autoencoder, the text tower: the trained one or the base's, the tokenizer, the scheduler).
 
 The run: ``run.sample(num, prompts=None, seed=0, num_steps=None, guidance_scale=None,
 scheduler=None, num_frames=None)`` -> uint8 [num, F, H, W, 3] through
@@ -49,6 +61,7 @@ from jaxgen.training.tasks.base import build_module
 from jaxgen.training.tasks.ldm_base import FrozenLDMTask
 
 MODEL_CLASS = "jaxgen.nn.unet3d:UNet3DConditionModel"
+UNET, TEXT = "unet", "text_encoder"     # the params' subtrees when video.train_text_encoder
 _KEY_LATENTS, _KEY_STEPS = 0, 1      # run.sample: fold_in(key(seed), purpose), as the ldm run
 
 
@@ -73,8 +86,28 @@ class VideoTask(FrozenLDMTask):
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= int(config.batch_size):
             raise ConfigError(f"video.joint_images={k!r}: the still images per step, an int in 0..batch_size "
                               f"({config.batch_size}); 0 trains on clips only.")
+        t = v.get("train_text_encoder", False)
+        if not isinstance(t, bool):
+            raise ConfigError(f"video.train_text_encoder={t!r}: True (train the base's text tower with the U-Net) "
+                              "or False (keep it frozen).")
         self.table = None
+        self.table_ids = None
         self._pipe = None
+
+    @property
+    def trains_text(self) -> bool:
+        """Whether the run trains its own copy of the base's text tower (video.train_text_encoder)."""
+        return bool(self.config.video.get("train_text_encoder", False))
+
+    def unet_params(self, params):
+        """The U-Net's subtree of the run's params."""
+        return params[UNET] if self.trains_text else params
+
+    def text_params(self, params) -> dict:
+        """The text tower's params {"text_model": ...}: the run's own when it trains them, else the base's."""
+        if self.trains_text:
+            return params[TEXT]
+        return {"text_model": self.base_params["text"]["text_model"]}
 
     @property
     def num_frames(self) -> int:
@@ -119,7 +152,8 @@ class VideoTask(FrozenLDMTask):
             texts |= set(image_captions)
         texts = sorted(texts)
         index = {t: i for i, t in enumerate(texts)}
-        self.table = self.context_table(texts)
+        self.table = self.context_table(texts)       # the base's (frozen) contexts, last row ""
+        self.table_ids = jnp.asarray(self.ldm.tokenizer.encode(texts + [""]), jnp.int32)   # [U + 1, 77]
         mean, std = self.latent_moments(frames.reshape((n * f,) + frames.shape[2:]))   # [(N F), h, w, c]
         out["latent_mean"] = mean.reshape((n, f) + mean.shape[1:])
         out["latent_std"] = std.reshape((n, f) + std.shape[1:])
@@ -154,8 +188,24 @@ class VideoTask(FrozenLDMTask):
     def init_params(self, key, batch) -> Any:
         h, w, c = self.latent_shape
         ctx = jnp.zeros((1, 77, self.ldm.context_dim), jnp.float32)
-        return self.model.init(key, jnp.zeros((1, self.num_frames, h, w, c), jnp.float32),
+        unet = self.model.init(key, jnp.zeros((1, self.num_frames, h, w, c), jnp.float32),
                                jnp.zeros((1,), jnp.int32), ctx)["params"]
+        if not self.trains_text:
+            return unet
+        # a copy of the base's text tower (copied: the trainer may donate the params' buffers)
+        text = jax.tree_util.tree_map(jnp.array, {"text_model": self.base_params["text"]["text_model"]})
+        return {UNET: unet, TEXT: text}
+
+    def _table(self, params):
+        """The context table [U + 1, 77, D] of the batch's captions and the empty prompt: the frozen
+        base's, computed once, or the trained text tower's on the current params."""
+        if self.table is None:
+            raise ConfigError("VideoTask.loss_fn needs batch_arrays(...) first (the text context table).")
+        if not self.trains_text:
+            return self.table
+        from jaxgen.pipelines.stable_diffusion import prompt_context
+
+        return prompt_context(self.ldm.text_encoder, params[TEXT], self.table_ids).astype(jnp.float32)
 
     def _denoise(self, params, zt, t, ctx, key):
         """The U-Net on clips [B, F, h, w, c], with the temporal dropout when video.temporal_dropout."""
@@ -164,22 +214,22 @@ class VideoTask(FrozenLDMTask):
         return self.model.apply({"params": params}, zt, t, ctx)
 
     def loss_fn(self, params, batch, key):
-        if self.table is None:
-            raise ConfigError("VideoTask.loss_fn needs batch_arrays(...) first (the text context table).")
+        table = self._table(params)
+        unet = self.unet_params(params)
         p = float(self.config.video.caption_dropout)
         k_clip, k_drop, k_img, k_img_drop = jax.random.split(key, 4)
         # one t and one caption draw per clip, noise per frame: [B, F, h, w, c] is one example each
         zt, t, target, ctx, _ = self.diffusion_inputs(k_clip, batch["latent_mean"], batch["latent_std"],
-                                                      batch["caption"], self.table, p)
-        loss, mse = self.weighted_mse(self._denoise(params, zt, t, ctx, k_drop), target, t)
+                                                      batch["caption"], table, p)
+        loss, mse = self.weighted_mse(self._denoise(unet, zt, t, ctx, k_drop), target, t)
         metrics = {"mse": mse}
         k = self.joint_images
         if k:
             # K still images as one-frame clips [K, 1, h, w, c]
             zi, ti, target_i, ctx_i, _ = self.diffusion_inputs(
                 k_img, batch["image_mean"][:k, None], batch["image_std"][:k, None], batch["image_caption"][:k],
-                self.table, p)
-            loss_i, mse_i = self.weighted_mse(self._denoise(params, zi, ti, ctx_i, k_img_drop), target_i, ti)
+                table, p)
+            loss_i, mse_i = self.weighted_mse(self._denoise(unet, zi, ti, ctx_i, k_img_drop), target_i, ti)
             b = zt.shape[0]
             loss = (b * loss + k * loss_i) / (b + k)
             metrics["mse_images"] = mse_i
@@ -194,9 +244,9 @@ class VideoTask(FrozenLDMTask):
 
         if self._pipe is not None and self._pipe[0] is params:
             return self._pipe[1]
-        c = self.ldm.pipeline_components(self.base_params)
-        pipe = TextToVideoSDPipeline(self.model, c["vae"][0], c["text_encoder"][0],
-                                     {"unet": params, "vae": c["vae"][1], "text_encoder": c["text_encoder"][1]},
+        c = self.pipeline_components(params)
+        pipe = TextToVideoSDPipeline(c["unet"][0], c["vae"][0], c["text_encoder"][0],
+                                     {k: c[k][1] for k in ("unet", "vae", "text_encoder")},
                                      c["tokenizer"], c["scheduler"])
         self._pipe = (params, pipe)
         return pipe
@@ -234,13 +284,25 @@ class VideoTask(FrozenLDMTask):
             out.append(clips[:b - a])                                        # [size, F, H, W, 3] in [0, 1]
         return unit_to_uint8(np.concatenate(out), what="the text-to-video run")
 
+    def pipeline_components(self, params) -> dict[str, Any]:
+        """What a diffusers TextToVideoSDPipeline folder holds (``train.export``): this U-Net, the
+        base's autoencoder (with its scaling factor), the text tower (the run's when it trains one),
+        the base's tokenizer and default scheduler."""
+        c = self.ldm.pipeline_components(self.base_params)
+        c["unet"] = (self.model, self.unet_params(params))
+        c["text_encoder"] = (c["text_encoder"][0], self.text_params(params))
+        c["pipeline_class"] = "TextToVideoSDPipeline"
+        return c
+
     @property
     def sampling_batch_size(self) -> int:
         """Clips per compiled pipeline call (config.sampling.batch_size)."""
         return int(self.config.sampling.batch_size)
 
     def encode_text(self, params, texts) -> np.ndarray:
-        return self.ldm.encode_text(self.base_params, texts)
+        """The base's CLIP text embeddings, through the run's text tower when it trains one."""
+        text = {**self.base_params["text"], "text_model": self.text_params(params)["text_model"]}
+        return self.ldm.encode_text({**self.base_params, "text": text}, texts)
 
     def preview(self, params, batch):
         from jaxgen.eval.video import clip_strip, motion_prompts
