@@ -39,7 +39,7 @@ test: $(VENV)/.installed-test
 	$(PY) -m pytest -n 2 --dist loadfile tests
 
 bench: $(VENV)/.installed-test
-	for b in bench/bench_*.py; do $(PY) $$b || exit 1; done
+	$(PY) bench/run_all.py --out bench.json
 
 clean:
 	rm -rf runs .pytest_cache
