@@ -14,7 +14,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3        # the newest N checkpoints are kept; 0 keeps every one
     c.log_every = 50
     c.image_every = 500           # PNG preview every N steps (0 = only at the end... and never)
-    c.compute_dtype = "float32"   # or "bfloat16" (float32 params, bf16 compute)
+    c.compute_dtype = "float32"   # or "bfloat16" / "float16" (float32 params; float16 with a dynamic loss scale)
     c.nan_policy = "stop"         # "stop": a NaN/Inf loss or gradient ends the run; "skip": skip the step
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
     c.optim = ml_collections.ConfigDict({"lr": 1e-3, "warmup_steps": 50, "weight_decay": 1e-4,

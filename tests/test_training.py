@@ -162,14 +162,62 @@ def test_missing_dataset_is_a_clear_error_without_leftovers(tmp_path, data_dir):
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
-def test_bf16_compute_keeps_float32_params(tmp_path, data_dir):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_compute_keeps_float32_params(dtype, tmp_path, data_dir):
     c = get_config("digits_ae")
-    c.compute_dtype = "bfloat16"
-    run = train(c, str(tmp_path / "bf16"))
+    c.compute_dtype = dtype
+    run = train(c, str(tmp_path / dtype))
     leaves = jax.tree_util.tree_leaves(run.params)
     assert all(x.dtype == jnp.float32 for x in leaves)
     rows = [json.loads(line) for line in open(os.path.join(run.workdir, "metrics.jsonl"))]
     assert all(np.isfinite(r["loss"]) for r in rows)
+    assert all(("loss_scale" in r) == (dtype == "float16") for r in rows if "loss" in r)
+    if dtype == "float16":           # the dynamic loss scale is part of the checkpoint and resumes
+        state = jaxgen.load_run(run.workdir)
+        from jaxgen.training.checkpoint import Checkpointer
+
+        folder = os.path.join(run.workdir, "checkpoints")
+        step = Checkpointer(folder, read_only=True).latest_step()
+        with open(os.path.join(folder, str(step), "state", "_METADATA")) as f:
+            keys = {k.split(",")[0].strip("(')") for k in json.load(f)["tree_metadata"]}
+        assert "loss_scale" in keys and state.step == step
+
+
+def test_float16_loss_scaling_keeps_small_gradients_and_backs_off_on_overflow():
+    """float16 compute: the scaled loss keeps a gradient that float16 flushes to zero; a scale
+    that overflows the gradient skips the step (not counted as non-finite) and halves until it fits."""
+    import optax
+
+    from jaxgen.training.state import INITIAL_LOSS_SCALE, create_state
+    from jaxgen.training.step import make_train_step
+
+    def tiny_grad(params, batch, key):      # d loss / d w = 1e-8 per element: below float16's range
+        w = params["w"]                      # float16 here (compute_dtype)
+        return (jnp.sum(w) * jnp.float16(1e-4)).astype(jnp.float32) * 1e-4, {}
+
+    tx = optax.sgd(1.0)
+    params = {"w": jnp.ones((4,), jnp.float32)}
+    plain = jax.jit(make_train_step(tiny_grad, tx, compute_dtype=jnp.float16))
+    _, m = plain(create_state(params, tx, use_ema=False), {}, jax.random.key(0))
+    assert float(m["grad_norm"]) == 0.0                                      # flushed to zero
+    scaled = jax.jit(make_train_step(tiny_grad, tx, compute_dtype=jnp.float16))
+    state, m = scaled(create_state(params, tx, use_ema=False, loss_scale=True), {}, jax.random.key(0))
+    np.testing.assert_allclose(float(m["grad_norm"]), 2e-8, rtol=2e-2)       # sqrt(4) * 1e-8
+    assert float(m["loss_scale"]) == INITIAL_LOSS_SCALE and int(state.loss_scale["good_steps"]) == 1
+
+    def big_grad(params, batch, key):       # d loss / d w = 1000: times 2^15 overflows float16
+        return (jnp.sum(params["w"] * jnp.float16(1000.0))).astype(jnp.float32), {}
+
+    step = jax.jit(make_train_step(big_grad, tx, compute_dtype=jnp.float16))
+    state = create_state(params, tx, use_ema=False, loss_scale=True)
+    scales = []
+    for _ in range(10):
+        state, m = step(state, {}, jax.random.key(0))
+        scales.append(float(m["loss_scale"]))
+    assert scales == [2.0 ** k for k in range(15, 5, -1)]                   # halved until 1000 x 64 < 65504
+    assert int(state.nonfinite) == 0 and int(state.step) == 10
+    np.testing.assert_allclose(state.params["w"], 1.0 - 1000.0)              # only the last step applied
+    assert float(state.loss_scale["scale"]) == 64.0 and int(state.loss_scale["good_steps"]) == 1
 
 
 def test_damaged_checkpoint_is_an_error_not_a_fresh_start(tiny_run, tmp_path):

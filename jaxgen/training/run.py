@@ -21,7 +21,7 @@ from jaxgen.training.checkpoint import Checkpointer, abstract_with_shardings
 from jaxgen.training.config_values import check_count
 from jaxgen.training.optim import make_optimizer
 from jaxgen.training.stages import (MAIN_STAGE, checkpoint_dir, ema_decay_of, final_params, handed_on,
-                                     new_train_state, stage_config)
+                                     new_train_state, stage_config, uses_loss_scale)
 from jaxgen.training.tasks import make_task
 
 
@@ -160,7 +160,7 @@ def load_run(workdir: str | os.PathLike, step: int | None = None) -> Run:
         ckpt = Checkpointer(folder, read_only=True)
         tx, _ = make_optimizer(sconf.optim, sconf.total_steps)
         use_ema = ema_decay_of(sconf) is not None
-        shapes = jax.eval_shape(lambda: new_train_state(sub, tx, use_ema, jax.random.key(0)))
+        shapes = jax.eval_shape(lambda: new_train_state(sub, tx, use_ema, jax.random.key(0), uses_loss_scale(sconf)))
         abstract = abstract_with_shardings(shapes, jax.tree_util.tree_map(lambda _: mesh_lib.replicated(local), shapes))
         last = i == len(task.stages) - 1
         state, _, steps[stage] = ckpt.restore(abstract, step if last else None)

@@ -53,11 +53,16 @@ def stage_config(config: ml_collections.ConfigDict, stage: str) -> ml_collection
     return merged
 
 
-def new_train_state(task, tx, use_ema: bool, key: jax.Array) -> TrainState:
+def new_train_state(task, tx, use_ema: bool, key: jax.Array, loss_scale: bool = False) -> TrainState:
     """Step-0 state of ``task`` (call under jax.eval_shape for shapes only), with the task's model
-    state (None when it has none)."""
+    state (None when it has none) and, with ``loss_scale`` (float16 compute), a dynamic loss scale."""
     params, model_state = task.init_variables(key, task.example_batch())
-    return create_state(params, tx, use_ema, model_state)
+    return create_state(params, tx, use_ema, model_state, loss_scale)
+
+
+def uses_loss_scale(config) -> bool:
+    """Whether a (stage) config computes in float16, which trains with a dynamic loss scale."""
+    return config.get("compute_dtype", "float32") == "float16"
 
 
 def checkpoint_dir(workdir: str, stage: str) -> str:

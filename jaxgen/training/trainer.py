@@ -26,7 +26,7 @@ from jaxgen.training.config_values import check_range
 from jaxgen.training.optim import make_optimizer
 from jaxgen.training.run import load_run
 from jaxgen.training.stages import (MAIN_STAGE, checkpoint_dir, ema_decay_of, handed_on, new_train_state,
-                                    stage_config)
+                                    stage_config, uses_loss_scale)
 from jaxgen.training.state import TrainState
 from jaxgen.training.step import make_train_step
 from jaxgen.training.tasks import make_task
@@ -38,7 +38,7 @@ REQUIRED_FIELDS = ("seed", "batch_size", "total_steps", "checkpoint_every", "log
 # Fields a resumed run may change (schedules and bookkeeping); any other change is refused.
 RESUMABLE_CHANGES = ("total_steps", "checkpoint_every", "log_every", "image_every", "keep_checkpoints",
                      "mesh", "nan_policy")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def validate_config(config: ml_collections.ConfigDict, workdir: str | None = None) -> None:
@@ -159,7 +159,8 @@ class Trainer:
 
     # -- state ------------------------------------------------------------------------------
     def _create(self) -> TrainState:
-        return new_train_state(self.task, self.tx, self.ema_decay is not None, self.init_key)
+        return new_train_state(self.task, self.tx, self.ema_decay is not None, self.init_key,
+                               uses_loss_scale(self.config))
 
     def abstract_state(self):
         shapes = jax.eval_shape(self._create)
