@@ -52,7 +52,8 @@ def clip_loss(image_embeds: jax.Array, text_embeds: jax.Array, logit_scale: jax.
     text's term the same over the images it fits (the multi-positive form; the identity matrix
     gives the loss above).
     """
-    image_embeds, text_embeds = jnp.asarray(image_embeds), jnp.asarray(text_embeds)
+    # float32 whatever the model computed in (bf16 / fp16 training)
+    image_embeds, text_embeds = jnp.asarray(image_embeds, jnp.float32), jnp.asarray(text_embeds, jnp.float32)
     if image_embeds.shape[0] != text_embeds.shape[0]:
         raise DataError(f"clip_loss: {image_embeds.shape[0]} images but {text_embeds.shape[0]} texts; "
                         "the contrastive loss pairs row i with row i.")

@@ -183,6 +183,30 @@ def test_half_precision_compute_keeps_float32_params(dtype, tmp_path, data_dir):
         assert "loss_scale" in keys and state.step == step
 
 
+def test_compute_dtype_reaches_the_convolutions(tmp_path, data_dir):
+    """Under task.computing_in (how the trainer traces the loss) the model's convolutions and
+    matmuls take bf16 operands; the loss stays float32 and the task's own model is back after."""
+    from jaxgen.training.step import cast_floating
+    from jaxgen.training.tasks import make_task
+
+    task = make_task(get_config("digits_ae"))
+    task.attach(str(tmp_path / "run"), training=True)
+    batch = {k: np.repeat(v, 2, 0) for k, v in task.example_batch().items()}
+    params = task.init_params(jax.random.key(0), batch)
+
+    def operand_dtypes(dtype):
+        def loss(p):
+            with task.computing_in(dtype):
+                return task.loss_fn(cast_floating(p, dtype), batch, jax.random.key(0))[0]
+        jaxpr = jax.make_jaxpr(jax.grad(loss))(params)
+        assert jax.eval_shape(loss, params).dtype == jnp.float32
+        return {str(e.invars[1].aval.dtype) for e in jaxpr.jaxpr.eqns if e.primitive.name == "conv_general_dilated"}
+
+    model = task.model
+    assert operand_dtypes(jnp.bfloat16) == {"bfloat16"} and task.model is model
+    assert operand_dtypes(jnp.float32) == {"float32"}
+
+
 def test_float16_loss_scaling_keeps_small_gradients_and_backs_off_on_overflow():
     """float16 compute: the scaled loss keeps a gradient that float16 flushes to zero; a scale
     that overflows the gradient skips the step (not counted as non-finite) and halves until it fits."""

@@ -205,10 +205,16 @@ class Trainer:
             with open(os.path.join(self.workdir, "config.json"), "w") as f:
                 f.write(self.run_config.to_json(indent=2))
         stateful = state.model_state is not None
-        step_fn = make_train_step(self.task.loss_fn_with_state if stateful else self.task.loss_fn, self.tx,
-                                  schedule=self.schedule, ema_decay=self.ema_decay,
+        compute_dtype = DTYPES[cfg.get("compute_dtype", "float32")]
+        task_loss = self.task.loss_fn_with_state if stateful else self.task.loss_fn
+
+        def loss_fn(*args):                  # traced with the model computing in compute_dtype
+            with self.task.computing_in(compute_dtype):
+                return task_loss(*args)
+
+        step_fn = make_train_step(loss_fn, self.tx, schedule=self.schedule, ema_decay=self.ema_decay,
                                   ema_warmup=bool(cfg.get("ema", {}).get("warmup", True)),
-                                  compute_dtype=DTYPES[cfg.get("compute_dtype", "float32")], stateful=stateful)
+                                  compute_dtype=compute_dtype, stateful=stateful)
         replicated = mesh_lib.replicated(self.mesh)
         jitted = jax.jit(step_fn, in_shardings=(self.state_shardings, self.batch_sharding, replicated),
                          out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))

@@ -1,10 +1,12 @@
 """The Task base class: the per-family pieces the generic trainer and Run call."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxgen.convert.config import freeze
@@ -199,6 +201,24 @@ class Task:
         """Fresh parameters from one example batch (shapes only matter)."""
         x = images_to_float(batch["image"][:1])
         return self.model.init(key, x)["params"]
+
+    @contextlib.contextmanager
+    def computing_in(self, dtype):
+        """For as long as the context lasts, ``self.model`` computes in ``dtype`` (a clone with its
+        ``dtype`` field set; the parameters stay what the caller passes). The trainer traces the
+        loss inside it under config.compute_dtype, so convolutions and matmuls run in bf16/fp16
+        (the modules keep normalisation statistics and softmax in float32); previews, sampling and
+        evaluation keep the float32 model. float32, no model, or a model without a ``dtype``
+        field: nothing changes."""
+        model = getattr(self, "model", None)
+        if dtype == jnp.float32 or model is None or "dtype" not in getattr(model, "__dataclass_fields__", {}):
+            yield
+            return
+        self.model = model.clone(dtype=dtype)
+        try:
+            yield
+        finally:
+            self.model = model
 
     def init_variables(self, key: jax.Array, batch: dict) -> tuple[Any, Any]:
         """(params, model_state) from one example batch; model_state is None (the default) for a
