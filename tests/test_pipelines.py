@@ -157,6 +157,23 @@ def test_second_call_does_not_recompile(pipe):
     assert {k: after[k] - before.get(k, 0) for k in after} == {**dict.fromkeys(after, 0), "loop": 1}
 
 
+def test_bfloat16_pipeline(folders, pipe):
+    """dtype=jnp.bfloat16: weights held and computed in bf16 (as diffusers' torch_dtype), images
+    float32 and close to the float32 pipeline's; an unsupported dtype is a clear error."""
+    import jax.numpy as jnp
+
+    half = jaxgen.StableDiffusionPipeline.from_pretrained(folders[0]["sd"], dtype=jnp.bfloat16)
+    assert half.unet.dtype == jnp.bfloat16 and half.vae.dtype == jnp.bfloat16
+    assert {x.dtype for x in jax.tree_util.tree_leaves(half.params)} == {jnp.dtype(jnp.bfloat16)}
+    latents = unit_noise(11, (len(PROMPTS), LATENT, LATENT, 4))
+    kw = dict(num_inference_steps=STEPS, guidance_scale=7.5, latents=latents, scheduler="DDIMScheduler")
+    ours, full = half(PROMPTS, NEGATIVE, **kw), pipe(PROMPTS, NEGATIVE, **kw)
+    assert ours.dtype == np.float32 and np.isfinite(ours).all()
+    assert 0 < np.abs(ours - full).max() < 0.1 and np.abs(ours - full).mean() < 0.02
+    with pytest.raises(ConfigError, match="dtype=.*float32"):
+        jaxgen.StableDiffusionPipeline.from_pretrained(folders[0]["sd"], dtype=jnp.int8)
+
+
 def test_text_encoder_attention_mask_from_config(folders, pipe, tmp_path):
     """text_encoder/config.json with use_attention_mask: true -> the padding mask reaches CLIP (as
     diffusers does); the images change and still equal diffusers'."""

@@ -168,12 +168,16 @@ def class_name_of(cfg: Mapping[str, Any], where: str) -> str:
     return name
 
 
-def load_pretrained(folder: str | os.PathLike, *, dtype=jnp.float32, allow_pickle: bool = False):
+def load_pretrained(folder: str | os.PathLike, *, dtype=jnp.float32, allow_pickle: bool = False,
+                    compute_dtype=None):
     """Load a diffusers / transformers ``save_pretrained`` folder.
 
     folder: holds config.json and the weights (``diffusion_pytorch_model.safetensors``,
             ``model.safetensors`` or a sharded ``*.safetensors.index.json``).
     dtype:  parameter dtype (float32 by default; None keeps the stored dtypes).
+    compute_dtype: None keeps the module's (float32); e.g. jnp.bfloat16 returns the module with
+            its ``dtype`` field set, so its convolutions and matmuls run in bf16 (normalisation
+            statistics and softmax stay float32).
     allow_pickle: read .bin/.ckpt files with torch's weights-only loader (refused otherwise).
     Returns (module, params): ``module.apply({"params": params}, ...)``.
     """
@@ -196,6 +200,8 @@ def load_pretrained(folder: str | os.PathLike, *, dtype=jnp.float32, allow_pickl
         defaults = [f"{k}={getattr(module, k)!r}" for k in cls.config_fields() if k not in given]
         hint = f" Fields config.json does not set took their defaults: {', '.join(defaults[:12])}." if defaults else ""
         raise ConfigError(f"{cfg_path}: {e}{hint}") from e
+    if compute_dtype is not None:
+        module = module.clone(dtype=compute_dtype)
     return module, jax.tree_util.tree_map(jnp.asarray, params)
 
 

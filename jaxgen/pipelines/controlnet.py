@@ -46,7 +46,7 @@ from jaxgen.convert.pretrained import load_pretrained
 from jaxgen.errors import ConfigError, DataError
 from jaxgen.nn.controlnet import ControlNetModel, ControlNetOutput
 from jaxgen.pipelines.stable_diffusion import (PIPELINE_CLASSES, LoopControl, StableDiffusionPipeline, as_images,
-                                               as_texts)
+                                               as_texts, model_dtype_options)
 
 F32 = jnp.float32
 CONTROLNET_PIPELINE_CLASSES = PIPELINE_CLASSES + ("StableDiffusionControlNetPipeline",)
@@ -176,12 +176,13 @@ class StableDiffusionControlNetPipeline(StableDiffusionPipeline):
     # -- loading ----------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, controlnet=None, *, mesh: jax.sharding.Mesh | None = None,
-                        batch_axis: str | None = None, allow_pickle: bool = False):
+                        batch_axis: str | None = None, allow_pickle: bool = False, dtype=None):
         """Load a diffusers StableDiffusionControlNetPipeline folder (controlnet/ inside; a
         MultiControlNetModel is controlnet/, controlnet_1/, ...), or any Stable Diffusion folder
         with ``controlnet=``: a ControlNetModel folder, or a list of folders (several
         ControlNets, diffusers' MultiControlNetModel), which replaces the folder's own.
-        mesh, batch_axis, allow_pickle: as StableDiffusionPipeline.from_pretrained.
+        mesh, batch_axis, allow_pickle, dtype: as StableDiffusionPipeline.from_pretrained (dtype
+        applies to the ControlNets too).
         """
         folder = os.fspath(folder)
         if controlnet is None:
@@ -193,10 +194,10 @@ class StableDiffusionControlNetPipeline(StableDiffusionPipeline):
         if not folders:
             raise ConfigError("controlnet= is an empty list; pass one ControlNetModel folder or several.")
         parts, _ = cls.load_components(folder, pipeline_classes=CONTROLNET_PIPELINE_CLASSES, others=("controlnet",),
-                                       allow_pickle=allow_pickle)
+                                       allow_pickle=allow_pickle, dtype=dtype)
         nets, trees = [], []
         for f in folders:
-            net, tree = load_pretrained(f, allow_pickle=allow_pickle)
+            net, tree = load_pretrained(f, allow_pickle=allow_pickle, **model_dtype_options(dtype))
             if not isinstance(net, ControlNetModel):
                 raise ConfigError(f"{f} holds a {type(net).__name__}, not a ControlNetModel.")
             nets.append(net)

@@ -201,11 +201,12 @@ class StableDiffusionInstructPix2PixPipeline(StableDiffusionPipeline):
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None,
-                        batch_axis: str | None = None, allow_pickle: bool = False):
+                        batch_axis: str | None = None, allow_pickle: bool = False, dtype=None):
         """Load a diffusers StableDiffusionInstructPix2PixPipeline folder (``save_pretrained``
         layout; an SD folder holding an 8-channel U-Net is accepted too). mesh, batch_axis,
-        allow_pickle: as StableDiffusionPipeline.from_pretrained."""
-        parts, _ = cls.load_components(folder, pipeline_classes=IP2P_PIPELINE_CLASSES, allow_pickle=allow_pickle)
+        allow_pickle, dtype: as StableDiffusionPipeline.from_pretrained."""
+        parts, _ = cls.load_components(folder, pipeline_classes=IP2P_PIPELINE_CLASSES, allow_pickle=allow_pickle,
+                                       dtype=dtype)
         return cls(**parts, mesh=mesh, batch_axis=batch_axis)
 
     def __call__(self, prompt: str | Sequence[str], image=None, num_inference_steps: int = 100,

@@ -216,6 +216,18 @@ def encode_prompts(text_encoder, params, tokenizer: CLIPTokenizer, prompts: str 
     return map_chunked(run, [np.asarray(ids), np.asarray(mask)], int(batch_size))
 
 
+def model_dtype_options(dtype) -> dict:
+    """load_pretrained's keyword arguments for a pipeline's ``dtype`` (None: float32 weights and
+    compute; bfloat16 / float16: weights held and computed in it). Another dtype is a ConfigError."""
+    if dtype is None:
+        return {}
+    name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    if name not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"dtype={dtype!r}: a pipeline runs in float32 (None), jnp.bfloat16 or jnp.float16.")
+    d = jnp.dtype(name)
+    return {"dtype": d, "compute_dtype": d}
+
+
 # ------------------------------------------------------------------------------------------------
 # host-side input checks
 # ------------------------------------------------------------------------------------------------
@@ -364,7 +376,7 @@ class StableDiffusionPipeline(LoraLoaderMixin):
     # -- loading ----------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None,
-                        batch_axis: str | None = None, allow_pickle: bool = False):
+                        batch_axis: str | None = None, allow_pickle: bool = False, dtype=None):
         """Load a diffusers Stable Diffusion folder (``save_pretrained`` layout).
 
         folder: holds model_index.json and unet/, vae/, text_encoder/, tokenizer/, scheduler/.
@@ -372,8 +384,11 @@ class StableDiffusionPipeline(LoraLoaderMixin):
             safety checker or feature extractor is not run (logged); any other component (e.g. a
             second text encoder) is a ConfigError: this is not a Stable Diffusion 1.x / 2.x folder.
         mesh, batch_axis: see ``__init__``. allow_pickle: read .bin weights (see load_pretrained).
+        dtype: None (float32), jnp.bfloat16 or jnp.float16: the models' weights are held and
+            computed in that dtype (as diffusers' ``torch_dtype=``); the scheduler's arithmetic,
+            the latents between steps and the returned images stay float32.
         """
-        parts, _ = cls.load_components(folder, allow_pickle=allow_pickle)
+        parts, _ = cls.load_components(folder, allow_pickle=allow_pickle, dtype=dtype)
         return cls(**parts, mesh=mesh, batch_axis=batch_axis)
 
     @classmethod
@@ -398,13 +413,14 @@ class StableDiffusionPipeline(LoraLoaderMixin):
 
     @staticmethod
     def load_components(folder: str | os.PathLike, *, pipeline_classes: Sequence[str] = PIPELINE_CLASSES,
-                        others: Sequence[str] = (), allow_pickle: bool = False) -> tuple[dict, dict]:
+                        others: Sequence[str] = (), allow_pickle: bool = False, dtype=None) -> tuple[dict, dict]:
         """The Stable Diffusion parts of a diffusers pipeline folder, checked against its
         model_index.json: (keyword arguments of ``__init__`` (unet, vae, text_encoder, params,
         tokenizer, scheduler, scheduler_config, use_attention_mask), the model_index dict).
 
         pipeline_classes: the ``_class_name`` values accepted; others: components the caller loads
         itself (e.g. "controlnet"), skipped here. Any other unknown component is a ConfigError.
+        dtype: the models' weight and compute dtype (``model_dtype_options``; None: float32).
         """
         folder = os.fspath(folder)
         index = read_json(os.path.join(folder, "model_index.json"))
@@ -430,10 +446,11 @@ class StableDiffusionPipeline(LoraLoaderMixin):
                                   "Diffusion folder needs unet, vae, text_encoder, tokenizer and scheduler.")
             if expected is not None and spec[1] != expected:
                 raise ConfigError(f"{folder}: {comp} is a {spec[1]}; this pipeline takes a {expected}.")
-        unet, unet_p = load_pretrained(os.path.join(folder, "unet"), allow_pickle=allow_pickle)
-        vae, vae_p = load_pretrained(os.path.join(folder, "vae"), allow_pickle=allow_pickle)
+        kw = dict(allow_pickle=allow_pickle, **model_dtype_options(dtype))
+        unet, unet_p = load_pretrained(os.path.join(folder, "unet"), **kw)
+        vae, vae_p = load_pretrained(os.path.join(folder, "vae"), **kw)
         te_dir = os.path.join(folder, "text_encoder")
-        text, text_p = load_pretrained(te_dir, allow_pickle=allow_pickle)
+        text, text_p = load_pretrained(te_dir, **kw)
         use_mask = bool(read_json(os.path.join(te_dir, "config.json")).get("use_attention_mask", False))
         tokenizer = load_tokenizer(os.path.join(folder, "tokenizer"))
         sched_cfg = read_json(os.path.join(folder, "scheduler", SCHEDULER_CONFIG_NAME))

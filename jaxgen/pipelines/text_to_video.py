@@ -52,7 +52,8 @@ from jaxgen.diffusion.schedulers import scheduler_from_config
 from jaxgen.diffusion.schedulers.base import SCHEDULER_CONFIG_NAME, Scheduler
 from jaxgen.errors import ConfigError, DataError
 from jaxgen.nn.unet3d import UNet3DConditionModel
-from jaxgen.pipelines.stable_diffusion import StableDiffusionPipeline, as_texts, encode_prompts, root_key
+from jaxgen.pipelines.stable_diffusion import (StableDiffusionPipeline, as_texts, encode_prompts,
+                                               model_dtype_options, root_key)
 from jaxgen.tokenizer import CLIPTokenizer, load_tokenizer
 
 F32 = jnp.float32
@@ -114,10 +115,11 @@ class TextToVideoSDPipeline:
         self.vae_scale_factor = 2 ** (len(vae.block_out_channels) - 1)
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, *, allow_pickle: bool = False):
+    def from_pretrained(cls, folder: str | os.PathLike, *, allow_pickle: bool = False, dtype=None):
         """Load a diffusers TextToVideoSDPipeline folder: model_index.json with unet
         (UNet3DConditionModel), vae, text_encoder, tokenizer, scheduler; any other component is a
-        ConfigError. allow_pickle: read .bin weights (see load_pretrained)."""
+        ConfigError. allow_pickle: read .bin weights (see load_pretrained). dtype: as
+        StableDiffusionPipeline.from_pretrained (None: float32; bfloat16 / float16)."""
         folder = os.fspath(folder)
         index = read_json(os.path.join(folder, "model_index.json"))
         if index.get("_class_name") not in PIPELINE_CLASSES:
@@ -135,10 +137,11 @@ class TextToVideoSDPipeline:
                                   "needs unet, vae, text_encoder, tokenizer and scheduler.")
             if expected is not None and spec[1] != expected:
                 raise ConfigError(f"{folder}: {comp} is a {spec[1]}; this pipeline takes a {expected}.")
-        unet, unet_p = load_pretrained(os.path.join(folder, "unet"), allow_pickle=allow_pickle)
-        vae, vae_p = load_pretrained(os.path.join(folder, "vae"), allow_pickle=allow_pickle)
+        kw = dict(allow_pickle=allow_pickle, **model_dtype_options(dtype))
+        unet, unet_p = load_pretrained(os.path.join(folder, "unet"), **kw)
+        vae, vae_p = load_pretrained(os.path.join(folder, "vae"), **kw)
         te_dir = os.path.join(folder, "text_encoder")
-        text, text_p = load_pretrained(te_dir, allow_pickle=allow_pickle)
+        text, text_p = load_pretrained(te_dir, **kw)
         use_mask = bool(read_json(os.path.join(te_dir, "config.json")).get("use_attention_mask", False))
         sched_cfg = read_json(os.path.join(folder, "scheduler", SCHEDULER_CONFIG_NAME))
         return cls(unet, vae, text, {"unet": unet_p, "vae": vae_p, "text_encoder": text_p},

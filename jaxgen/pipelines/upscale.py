@@ -165,13 +165,14 @@ class StableDiffusionUpscalePipeline(StableDiffusionPipeline):
     # -- loading ----------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None,
-                        batch_axis: str | None = None, allow_pickle: bool = False):
+                        batch_axis: str | None = None, allow_pickle: bool = False, dtype=None):
         """Load a diffusers StableDiffusionUpscalePipeline folder (unet/, vae/, text_encoder/,
         tokenizer/, scheduler/, low_res_scheduler/; max_noise_level from model_index.json).
-        mesh, batch_axis, allow_pickle: as StableDiffusionPipeline.from_pretrained."""
+        mesh, batch_axis, allow_pickle, dtype: as StableDiffusionPipeline.from_pretrained."""
         folder = os.fspath(folder)
         parts, index = cls.load_components(folder, pipeline_classes=UPSCALE_PIPELINE_CLASSES,
-                                           others=("low_res_scheduler", "watermarker"), allow_pickle=allow_pickle)
+                                           others=("low_res_scheduler", "watermarker"), allow_pickle=allow_pickle,
+                                           dtype=dtype)
         spec = index.get("low_res_scheduler")
         if not isinstance(spec, (list, tuple)) or spec[0] is None:
             raise ConfigError(f"{folder}/model_index.json has no 'low_res_scheduler' component; an upscale "
