@@ -118,11 +118,7 @@ def _measure(size, batch, steps_list, iters, shape, dtype, log) -> dict:
         build(tmp, size, shape)
         folder = os.path.join(tmp, "sd")
         t0 = time.perf_counter()
-        parts, _ = jaxgen.StableDiffusionPipeline.load_components(folder)
-        if dtype != "float32":
-            for name in ("unet", "vae", "text_encoder"):
-                parts[name] = parts[name].clone(dtype=jnp.bfloat16)
-        ours = jaxgen.StableDiffusionPipeline(**parts)
+        ours = jaxgen.StableDiffusionPipeline.from_pretrained(folder, dtype=None if dtype == "float32" else jnp.bfloat16)
         load_s = time.perf_counter() - t0
         peer = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, dtype=tdtype,
                                                                  requires_safety_checker=False).to(device)
