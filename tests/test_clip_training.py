@@ -131,6 +131,37 @@ def test_partial_captions(tmp_path):
         make_task(c)
 
 
+def test_class_positives(tmp_path):
+    """objective.class_positives: the batch's examples of one caption class are positives of each
+    other: the loss is clip_loss with the same-class matrix (CLIP's own with one example per class)."""
+    from jaxgen import clip_utils
+
+    c = shapes_clip.get_config("tiny")
+    assert c.objective.class_positives and not shapes_clip.get_config("tiny,instance").objective.class_positives
+    task = make_task(c)
+    task.attach(str(tmp_path), training=True)
+    ds = task.load_data("train")
+    arrays = task.batch_arrays(ds)
+    np.testing.assert_array_equal(arrays["class_id"], task.space.classes_of(ds))
+    pick = np.argsort(arrays["class_id"], kind="stable")[:48]       # 12 classes, 4 examples each
+    batch = {k: jnp.asarray(v[pick]) for k, v in arrays.items()}
+    same = np.asarray(batch["class_id"])[:, None] == np.asarray(batch["class_id"])[None, :]
+    assert (same.sum(1) == 4).all()                       # the batch holds twins: the case that matters
+    params = task.init_params(jax.random.key(0), batch)
+    key = jax.random.key(2)
+    loss, _ = task.loss_fn(params, batch, key)
+    ids = task.pick_captions(batch, jax.random.fold_in(key, 0))[:, :task.train_context]
+    out = task.model.apply({"params": params}, ids, task.pixel_values(batch["image"]))
+    scale = task.clamped_logit_scale(params)
+    np.testing.assert_allclose(loss, clip_utils.clip_loss(out.image_embeds, out.text_embeds, scale,
+                                                           positives=same), rtol=1e-6)
+    assert abs(float(loss) - float(clip_utils.clip_loss(out.image_embeds, out.text_embeds, scale))) > 1e-4
+    c = shapes_clip.get_config("tiny")
+    c.data.name, c.data.augment_captions = "mnist", False
+    with pytest.raises(ConfigError, match="class_positives"):
+        make_task(c)
+
+
 def test_tokenizer_must_fit_the_text_config(tiny_run, tmp_path):
     c = shapes_clip.get_config("tiny")
     c.model.text_config.update({"vocab_size": 700, "bos_token_id": 698, "eos_token_id": 699,
@@ -191,7 +222,8 @@ for i in range(b):
         n = int(rng.integers(1, 12))
         ids[i, j, 1:1 + n] = rng.integers(0, v - 2, n)
 batch = {"image": rng.integers(0, 256, (b, 32, 32, 3), dtype=np.uint8),
-         "input_ids": ids[:, 0], "alt_input_ids": ids[:, 1:]}
+         "input_ids": ids[:, 0], "alt_input_ids": ids[:, 1:],
+         "class_id": (np.arange(b) % 5).astype(np.int32)}     # twins on other devices: class positives
 # random parameters of the right shapes (compiling the initialisers would cost more than the test)
 shapes = jax.eval_shape(task.init_params, jax.random.key(0), task.example_batch())
 params = jax.tree_util.tree_map_with_path(

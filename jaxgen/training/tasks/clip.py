@@ -160,6 +160,13 @@ class ClipTask(Task):
         if self.partial and (self.space is None or not self.space.subsets):
             raise ConfigError(f"data.partial_captions={self.partial}: dataset {config.data.name!r} has no "
                               "captions that name several attributes; set data.partial_captions=0.")
+        # examples of the same class (the same canonical caption) as positives of each other
+        self.class_positives = config.objective.get("class_positives", False)
+        if not isinstance(self.class_positives, bool):
+            raise ConfigError(f"objective.class_positives={self.class_positives!r}: True or False.")
+        if self.class_positives and self.space is None:
+            raise ConfigError(f"objective.class_positives=True: dataset {config.data.name!r} has no caption "
+                              "classes to tell which examples share a caption; set it to False.")
         channels = self.vision_cfg["num_channels"]
         self.pixel_mean = CLIP_MEAN if channels == 3 else (0.5,) * channels
         self.pixel_std = CLIP_STD if channels == 3 else (0.5,) * channels
@@ -281,13 +288,16 @@ class ClipTask(Task):
         """{"image": uint8 [N, H, W, C], "input_ids": int32 [N, 77] (canonical captions), and with
         data.augment_captions "alt_input_ids": int32 [N, T - 1, 77] (the other phrasings); with
         data.partial_captions "partial_input_ids": int32 [N, S, 77] (the captions naming each of
-        the S attribute subsets) and "attributes": int32 [N, A] (each example's values)}."""
+        the S attribute subsets) and "attributes": int32 [N, A] (each example's values); with
+        objective.class_positives "class_id": int32 [N] (the caption class of each example)}."""
         fields = self.gather(ds)
         tok = self.tokenizer
         arrays = {"image": fields["image"], "input_ids": tok(fields["caption"])}
-        if len(self.templates) > 1 or self.partial:
+        if len(self.templates) > 1 or self.partial or self.class_positives:
             classes = self.space.classes_of(ds)
             uniq, inverse = np.unique(classes, return_inverse=True)
+        if self.class_positives:
+            arrays["class_id"] = classes.astype(np.int32)                  # [N]
         if len(self.templates) > 1:
             alt_text = [self.space.caption(k, t) for k in uniq for t in self.templates[1:]]
             alt = tok(alt_text).reshape(len(uniq), len(self.templates) - 1, CONTEXT_LENGTH)
@@ -358,14 +368,18 @@ class ClipTask(Task):
         """CLIP loss over the whole (global) batch: batch["image"] uint8 [B, S, S, C],
         batch["input_ids"] int32 [B, 77] (+ "alt_input_ids" [B, T - 1, 77]; with
         data.partial_captions "partial_input_ids" [B, S, 77] and "attributes" [B, A], and the
-        multi-positive loss). Returns
+        multi-positive loss; with objective.class_positives "class_id" [B]: the examples of one
+        caption class are positives of each other in that loss, not negatives). Returns
         (loss float32 scalar, {"logit_scale_exp": exp(clamped logit_scale), the inverse temperature
         in [0, max_logit_scale]; "i2t_top1": fraction of images whose most similar caption in the
         batch is theirs (or the same text), in [0, 1]})."""
         ids = self.pick_captions(batch, jax.random.fold_in(key, 0))
         positives = None
-        if self.partial:
-            ids, positives = self.pick_partial(batch, ids, jax.random.fold_in(key, 1))
+        if self.class_positives:        # same caption class: a fitting pair, not a negative
+            positives = batch["class_id"][:, None] == batch["class_id"][None, :]
+        if self.partial:                # its rule includes the same class for full captions
+            ids, fits = self.pick_partial(batch, ids, jax.random.fold_in(key, 1))
+            positives = fits if positives is None else positives | fits
         ids = ids[:, :self.train_context]
         dtype = jax.tree_util.tree_leaves(params)[0].dtype
         out = self.model.apply({"params": params}, ids, self.pixel_values(batch["image"]).astype(dtype))
