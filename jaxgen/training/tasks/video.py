@@ -37,11 +37,12 @@ base's autoencoder, the text tower: the trained one or the base's, the tokenizer
 
 The run: ``run.sample(num, prompts=None, seed=0, num_steps=None, guidance_scale=None,
 scheduler=None, num_frames=None)`` -> uint8 [num, F, H, W, 3] through
-``jaxgen.TextToVideoSDPipeline`` assembled in memory from this U-Net and the base's autoencoder,
-text encoder, tokenizer and scheduler; prompts default to the 90 colour x shape x direction
+``jaxgen.TextToVideoSDPipeline`` assembled in memory from this U-Net, the text tower (the run's
+copy, or the base's when frozen) and the base's autoencoder, tokenizer and scheduler; prompts default to the 90 colour x shape x direction
 prompts (jaxgen/eval/video.py). Initial latents normal(fold_in(key(seed), 0), [num, F, h, w, c]);
 chunk n of sampling.batch_size clips is one pipeline call with seed fold_in(fold_in(key(seed), 1),
-n). ``run.encode_text``, ``run.tokenizer``: the base's. ``python -m train.eval``:
+n). ``run.encode_text``: the base's CLIP text embeddings through the run's text tower;
+``run.tokenizer``: the base's. ``python -m train.eval``:
 jaxgen/eval/video.py (docs/VIDEO.md).
 """
 from __future__ import annotations
