@@ -87,8 +87,8 @@ def get_config(arg: str | None = None):
                     heldout_split="heldout")
     c.data.augment_captions = "canonical" not in words
     # 128 examples of 162 classes a step: most batches hold several images of one caption. Counting
-    # them as positives lifted zero-shot on the independent renders (per-value prompts, mean of two
-    # seeds) from 0.823 / 0.971 / 0.959 / 0.880 to 0.857 / 0.964 / 0.966 / 0.916 (shape / colour /
+    # them as positives lifted zero-shot on the independent renders (per-value prompts, mean of four
+    # seeds) from 0.829 / 0.967 / 0.959 / 0.875 to 0.882 / 0.966 / 0.972 / 0.919 (shape / colour /
     # size / position; docs/CLIP.md). ':instance' trains with CLIP's own loss instead.
     c.objective.class_positives = "instance" not in words
     if "partial" in words:
