@@ -253,7 +253,7 @@ def test_joint_image_loss(run, base, tmp_path):
     task.attach(str(tmp_path / "joint"), training=True)
     arrays = task.batch_arrays(load_dataset("shapes", "train", moving=3, num_examples=4))
     assert arrays["image_mean"].shape == (4, 16, 16, 4) and arrays["latent_mean"].shape == (4, 3, 16, 16, 4)
-    assert arrays["image_caption"].max() < len(task.table) - 1           # image captions are in the table
+    assert arrays["image_caption"].max() < len(task.table_ids) - 1           # image captions are in the table
     # the step's program (traced, not compiled: the clips-only step is trained above)
     loss, metrics = jax.eval_shape(task.loss_fn, run.params, arrays, jax.random.key(0))
     assert loss.shape == () and set(metrics) == {"mse", "mse_images"}

@@ -141,7 +141,8 @@ class VideoTask(FrozenLDMTask):
 
     def batch_arrays(self, ds):
         """The clips' frames encoded once by the frozen autoencoder (posterior moments per frame),
-        the captions once by the text tower (rows of self.table); with joint_images the base's
+        the captions as rows of the context table (self.table_ids; self.table, the frozen tower's
+        contexts, when it is not trained); with joint_images the base's
         training images too."""
         fields = self.gather(ds)
         frames, captions = fields["frames"], list(fields["caption"])
@@ -153,8 +154,10 @@ class VideoTask(FrozenLDMTask):
             texts |= set(image_captions)
         texts = sorted(texts)
         index = {t: i for i, t in enumerate(texts)}
-        self.table = self.context_table(texts)       # the base's (frozen) contexts, last row ""
+        # the captions (and "") as token ids, encoded in each step when the text tower trains; else
+        # the base's (frozen) contexts, computed once here; last row ""
         self.table_ids = jnp.asarray(self.ldm.tokenizer.encode(texts + [""]), jnp.int32)   # [U + 1, 77]
+        self.table = None if self.trains_text else self.context_table(texts)
         mean, std = self.latent_moments(frames.reshape((n * f,) + frames.shape[2:]))   # [(N F), h, w, c]
         out["latent_mean"] = mean.reshape((n, f) + mean.shape[1:])
         out["latent_std"] = std.reshape((n, f) + std.shape[1:])
@@ -200,7 +203,7 @@ class VideoTask(FrozenLDMTask):
     def _table(self, params):
         """The context table [U + 1, 77, D] of the batch's captions and the empty prompt: the frozen
         base's, computed once, or the trained text tower's on the current params."""
-        if self.table is None:
+        if self.table_ids is None:
             raise ConfigError("VideoTask.loss_fn needs batch_arrays(...) first (the text context table).")
         if not self.trains_text:
             return self.table
