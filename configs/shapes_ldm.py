@@ -112,7 +112,7 @@ def get_config(arg: str | None = None):
                                   "num_channels": 3, "hidden_act": "quick_gelu", "projection_dim": 64},
                 "projection_dim": 64, "logit_scale_init_value": math.log(1 / 0.07),
             },
-            "objective": {"max_logit_scale": 100.0},
+            "objective": {"max_logit_scale": 100.0, "attribute_targets": 0.0},
             # 1,200 steps (~90 s): 300 left the demo's position at chance, 600 place every shape,
             # 1,200 also raise shape (docs/LDM.md: demo 0.78 -> 0.80, default 0.940 -> 0.949)
             "batch_size": 128, "total_steps": 1200, "checkpoint_every": 300,

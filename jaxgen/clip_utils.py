@@ -40,7 +40,8 @@ def clip_logits(image_embeds: jax.Array, text_embeds: jax.Array, logit_scale: ja
 
 
 def clip_loss(image_embeds: jax.Array, text_embeds: jax.Array, logit_scale: jax.Array | float,
-              max_scale: float | None = None, positives: jax.Array | None = None) -> jax.Array:
+              max_scale: float | None = None, positives: jax.Array | None = None,
+              targets: jax.Array | None = None) -> jax.Array:
     """CLIP's symmetric contrastive loss, a float32 scalar.
 
     image_embeds, text_embeds: [N, D], row i of each is a matching pair (labels = arange(N)); both
@@ -51,6 +52,10 @@ def clip_loss(image_embeds: jax.Array, text_embeds: jax.Array, logit_scale: jax.
     True): each image's term is then -log of the softmax mass on all its fitting texts, and each
     text's term the same over the images it fits (the multi-positive form; the identity matrix
     gives the loss above).
+    targets: None, or float [N, N] non-negative weights of text j for image i (each row and each
+    column needs some weight; not with positives): soft targets, each image's term the
+    cross-entropy of its row normalised to sum 1 against its softmax over the texts, each text's
+    term the same with its column (the identity matrix gives the loss above).
     """
     # float32 whatever the model computed in (bf16 / fp16 training)
     image_embeds, text_embeds = jnp.asarray(image_embeds, jnp.float32), jnp.asarray(text_embeds, jnp.float32)
@@ -58,7 +63,18 @@ def clip_loss(image_embeds: jax.Array, text_embeds: jax.Array, logit_scale: jax.
         raise DataError(f"clip_loss: {image_embeds.shape[0]} images but {text_embeds.shape[0]} texts; "
                         "the contrastive loss pairs row i with row i.")
     logits = clip_logits(image_embeds, text_embeds, logit_scale, max_scale)   # [N, N]
-    if positives is None:
+    if positives is not None and targets is not None:
+        raise DataError("clip_loss: give positives or targets, not both.")
+    if targets is not None:
+        targets = jnp.asarray(targets, jnp.float32)
+        if targets.shape != logits.shape:
+            raise DataError(f"clip_loss: targets has shape {tuple(targets.shape)}, expected "
+                            f"{tuple(logits.shape)} (images x texts).")
+        row = targets / jnp.sum(targets, axis=1, keepdims=True)
+        col = targets / jnp.sum(targets, axis=0, keepdims=True)
+        per_image = -jnp.sum(row * jax.nn.log_softmax(logits, axis=1), axis=1)
+        per_text = -jnp.sum(col * jax.nn.log_softmax(logits, axis=0), axis=0)
+    elif positives is None:
         diag = jnp.diagonal(logits)
         per_image = jax.nn.logsumexp(logits, axis=1) - diag     # CE of each image over the texts
         per_text = jax.nn.logsumexp(logits, axis=0) - diag      # CE of each text over the images

@@ -131,12 +131,23 @@ def test_partial_captions(tmp_path):
         make_task(c)
 
 
+def _loss_and_by_hand(task, batch):
+    """(task.loss_fn's loss on batch, clip_loss(**kw) on the same embeddings as a function of kw)."""
+    from jaxgen import clip_utils
+
+    params = task.init_params(jax.random.key(0), batch)
+    key = jax.random.key(2)
+    loss, _ = task.loss_fn(params, batch, key)
+    ids = task.pick_captions(batch, jax.random.fold_in(key, 0))[:, :task.train_context]
+    out = task.model.apply({"params": params}, ids, task.pixel_values(batch["image"]))
+    scale = task.clamped_logit_scale(params)
+    return loss, lambda **kw: clip_utils.clip_loss(out.image_embeds, out.text_embeds, scale, **kw)
+
+
 def test_class_positives(tmp_path):
     """objective.class_positives: the batch's examples of one caption class are positives of each
     other: the loss is clip_loss with the same-class matrix (CLIP's own with one example per class)."""
-    from jaxgen import clip_utils
-
-    c = shapes_clip.get_config("tiny")
+    c = shapes_clip.get_config("tiny,positives")
     assert c.objective.class_positives and not shapes_clip.get_config("tiny,instance").objective.class_positives
     task = make_task(c)
     task.attach(str(tmp_path), training=True)
@@ -147,19 +158,44 @@ def test_class_positives(tmp_path):
     batch = {k: jnp.asarray(v[pick]) for k, v in arrays.items()}
     same = np.asarray(batch["class_id"])[:, None] == np.asarray(batch["class_id"])[None, :]
     assert (same.sum(1) == 4).all()                       # the batch holds twins: the case that matters
-    params = task.init_params(jax.random.key(0), batch)
-    key = jax.random.key(2)
-    loss, _ = task.loss_fn(params, batch, key)
-    ids = task.pick_captions(batch, jax.random.fold_in(key, 0))[:, :task.train_context]
-    out = task.model.apply({"params": params}, ids, task.pixel_values(batch["image"]))
-    scale = task.clamped_logit_scale(params)
-    np.testing.assert_allclose(loss, clip_utils.clip_loss(out.image_embeds, out.text_embeds, scale,
-                                                           positives=same), rtol=1e-6)
-    assert abs(float(loss) - float(clip_utils.clip_loss(out.image_embeds, out.text_embeds, scale))) > 1e-4
-    c = shapes_clip.get_config("tiny")
+    loss, by_hand = _loss_and_by_hand(task, batch)
+    np.testing.assert_allclose(loss, by_hand(positives=same), rtol=1e-6)
+    assert abs(float(loss) - float(by_hand())) > 1e-4
+    c = shapes_clip.get_config("tiny,positives")
     c.data.name, c.data.augment_captions = "mnist", False
     with pytest.raises(ConfigError, match="class_positives"):
         make_task(c)
+
+
+def test_attribute_targets(tmp_path):
+    """objective.attribute_targets = beta: clip_loss's soft targets exp(beta * (shared - 4)) from the
+    attributes each pair of examples shares (1 for the same class); it replaces the positives."""
+    assert shapes_clip.get_config("tiny").objective.attribute_targets == 4.0    # the default
+    assert not shapes_clip.get_config("tiny").objective.class_positives
+    assert all(shapes_clip.get_config(f"tiny,{w}").objective.attribute_targets == 0.0
+               for w in ("positives", "partial", "instance"))
+    c = shapes_clip.get_config("tiny")
+    c.objective.attribute_targets = 1.5
+    task = make_task(c)
+    task.attach(str(tmp_path), training=True)
+    ds = task.load_data("train")
+    arrays = task.batch_arrays(ds)
+    pick = np.random.RandomState(0).choice(len(ds.images), 32, replace=False)
+    batch = {k: jnp.asarray(v[pick]) for k, v in arrays.items()}
+    classes = task.space.classes_of(ds)[pick]
+    combo = shapes.combination_attributes(classes)
+    values = np.stack([np.asarray(combo[a]) for a in shapes.ATTRIBUTES], 1)      # [32, 4]
+    np.testing.assert_array_equal(batch["attributes"], values)
+    shared = (values[:, None, :] == values[None, :, :]).sum(-1)
+    assert (shared[classes[:, None] == classes[None, :]] == 4).all()
+    assert ((shared == 4) == (classes[:, None] == classes[None, :])).all()
+    loss, by_hand = _loss_and_by_hand(task, batch)
+    np.testing.assert_allclose(loss, by_hand(targets=np.exp(1.5 * (shared - 4.0))), rtol=1e-6)
+    for bad in ({"class_positives": True}, {"attribute_targets": -1.0}):
+        c = shapes_clip.get_config("tiny")
+        c.objective.update({"class_positives": False, "attribute_targets": 1.0, **bad})
+        with pytest.raises(ConfigError, match="attribute_targets"):
+            make_task(c)
 
 
 def test_tokenizer_must_fit_the_text_config(tiny_run, tmp_path):
@@ -223,7 +259,9 @@ for i in range(b):
         ids[i, j, 1:1 + n] = rng.integers(0, v - 2, n)
 batch = {"image": rng.integers(0, 256, (b, 32, 32, 3), dtype=np.uint8),
          "input_ids": ids[:, 0], "alt_input_ids": ids[:, 1:],
-         "class_id": (np.arange(b) % 5).astype(np.int32)}     # twins on other devices: class positives
+         "class_id": (np.arange(b) % 5).astype(np.int32),      # twins on other devices: class positives
+         # shared attributes across devices: the default graded targets (objective.attribute_targets)
+         "attributes": rng.integers(0, 2, (b, 4)).astype(np.int32)}
 # random parameters of the right shapes (compiling the initialisers would cost more than the test)
 shapes = jax.eval_shape(task.init_params, jax.random.key(0), task.example_batch())
 params = jax.tree_util.tree_map_with_path(

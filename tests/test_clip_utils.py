@@ -65,6 +65,29 @@ def test_clip_loss_with_several_positives():
         clip_loss(img, txt, 1.0, positives=eye[:3])
 
 
+def test_clip_loss_with_soft_targets():
+    """targets: cross-entropy of each row (image) and column (text), normalised, by hand in numpy."""
+    rng = np.random.RandomState(3)
+    img, txt = rng.randn(5, 8).astype(np.float32), rng.randn(5, 8).astype(np.float32)
+    eye = np.eye(5, dtype=np.float32)
+    assert float(clip_loss(img, txt, 1.0, targets=eye * 3)) == pytest.approx(float(clip_loss(img, txt, 1.0)),
+                                                                            rel=1e-6)
+    w = rng.uniform(0.0, 1.0, (5, 5)).astype(np.float32) + eye
+    n = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)
+    logits = np.exp(0.7) * n(img) @ n(txt).T
+    log_i = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    log_t = logits - np.log(np.exp(logits).sum(0, keepdims=True))
+    want = 0.5 * (np.mean(-(w / w.sum(1, keepdims=True) * log_i).sum(1))
+                  + np.mean(-(w / w.sum(0, keepdims=True) * log_t).sum(0)))
+    assert float(clip_loss(img, txt, 0.7, targets=w)) == pytest.approx(want, rel=1e-5)
+    grads = jax.jit(jax.grad(lambda a, b: clip_loss(a, b, 0.7, targets=w), argnums=(0, 1)))(img, txt)
+    assert all(bool(jnp.isfinite(g).all()) for g in grads)
+    with pytest.raises(DataError, match="targets has shape"):
+        clip_loss(img, txt, 1.0, targets=w[:3])
+    with pytest.raises(DataError, match="not both"):
+        clip_loss(img, txt, 1.0, targets=w, positives=eye > 0)
+
+
 def test_zero_shot_classifier_and_logits():
     rng = np.random.RandomState(2)
     classes = l2_normalize(rng.randn(3, 16))                        # [C, D]

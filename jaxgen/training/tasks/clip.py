@@ -167,6 +167,17 @@ class ClipTask(Task):
         if self.class_positives and self.space is None:
             raise ConfigError(f"objective.class_positives=True: dataset {config.data.name!r} has no caption "
                               "classes to tell which examples share a caption; set it to False.")
+        # soft targets graded by shared attributes: text j's weight for image i is
+        # exp(beta * (shared(i, j) - A)), 1 for the same caption class
+        self.attribute_targets = check_range("objective.attribute_targets",
+                                             config.objective.get("attribute_targets", 0.0) or 0.0, 0.0,
+                                             hint="0 turns attribute targets off")
+        if self.attribute_targets and (self.space is None or len(self.space.attributes) < 2):
+            raise ConfigError(f"objective.attribute_targets={self.attribute_targets}: dataset "
+                              f"{config.data.name!r} has no captions naming several attributes; set it to 0.")
+        if self.attribute_targets and (self.class_positives or self.partial):
+            raise ConfigError(f"objective.attribute_targets={self.attribute_targets} replaces the loss's "
+                              "positives: set objective.class_positives=False and data.partial_captions=0.")
         channels = self.vision_cfg["num_channels"]
         self.pixel_mean = CLIP_MEAN if channels == 3 else (0.5,) * channels
         self.pixel_std = CLIP_STD if channels == 3 else (0.5,) * channels
@@ -293,7 +304,7 @@ class ClipTask(Task):
         fields = self.gather(ds)
         tok = self.tokenizer
         arrays = {"image": fields["image"], "input_ids": tok(fields["caption"])}
-        if len(self.templates) > 1 or self.partial or self.class_positives:
+        if len(self.templates) > 1 or self.partial or self.class_positives or self.attribute_targets:
             classes = self.space.classes_of(ds)
             uniq, inverse = np.unique(classes, return_inverse=True)
         if self.class_positives:
@@ -302,9 +313,10 @@ class ClipTask(Task):
             alt_text = [self.space.caption(k, t) for k in uniq for t in self.templates[1:]]
             alt = tok(alt_text).reshape(len(uniq), len(self.templates) - 1, CONTEXT_LENGTH)
             arrays["alt_input_ids"] = alt[inverse]                       # [N, T - 1, 77]
-        if self.partial:
+        if self.partial or self.attribute_targets:
             arrays["attributes"] = np.stack([self.space.attributes[a][classes] for a in self.space.attributes],
                                             axis=1).astype(np.int32)         # [N, A]
+        if self.partial:
             subsets = self.space.subsets
             part = tok(self.partial_texts(uniq)).reshape(len(uniq), len(subsets), CONTEXT_LENGTH)
             arrays["partial_input_ids"] = part[inverse]                  # [N, S, 77]
@@ -374,7 +386,11 @@ class ClipTask(Task):
         in [0, max_logit_scale]; "i2t_top1": fraction of images whose most similar caption in the
         batch is theirs (or the same text), in [0, 1]})."""
         ids = self.pick_captions(batch, jax.random.fold_in(key, 0))
-        positives = None
+        positives = targets = None
+        if self.attribute_targets:      # graded by the attributes image i and caption j share
+            attrs = batch["attributes"]
+            shared = jnp.sum(attrs[:, None, :] == attrs[None, :, :], axis=-1)         # [B, B]
+            targets = jnp.exp(self.attribute_targets * (shared - attrs.shape[1]).astype(jnp.float32))
         if self.class_positives:        # same caption class: a fitting pair, not a negative
             positives = batch["class_id"][:, None] == batch["class_id"][None, :]
         if self.partial:                # its rule includes the same class for full captions
@@ -384,7 +400,8 @@ class ClipTask(Task):
         dtype = jax.tree_util.tree_leaves(params)[0].dtype
         out = self.model.apply({"params": params}, ids, self.pixel_values(batch["image"]).astype(dtype))
         scale = self.clamped_logit_scale(params)
-        loss = clip_utils.clip_loss(out.image_embeds, out.text_embeds, scale, positives=positives)
+        loss = clip_utils.clip_loss(out.image_embeds, out.text_embeds, scale, positives=positives,
+                                    targets=targets)
         # in-batch accuracy: the own caption (or an identical one, or one that fits) scores highest
         sim = out.image_embeds @ out.text_embeds.T                                   # [B, B]
         same = jnp.all(ids[:, None, :] == ids[None, :, :], axis=-1)                  # [B, B]
