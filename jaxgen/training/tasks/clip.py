@@ -381,16 +381,19 @@ class ClipTask(Task):
         batch["input_ids"] int32 [B, 77] (+ "alt_input_ids" [B, T - 1, 77]; with
         data.partial_captions "partial_input_ids" [B, S, 77] and "attributes" [B, A], and the
         multi-positive loss; with objective.class_positives "class_id" [B]: the examples of one
-        caption class are positives of each other in that loss, not negatives). Returns
-        (loss float32 scalar, {"logit_scale_exp": exp(clamped logit_scale), the inverse temperature
-        in [0, max_logit_scale]; "i2t_top1": fraction of images whose most similar caption in the
-        batch is theirs (or the same text), in [0, 1]})."""
+        caption class are positives of each other in that loss, not negatives; with
+        objective.attribute_targets = beta "attributes" [B, A] and clip_loss's soft targets
+        exp(beta * (shared - A))). Returns (loss float32 scalar, {"logit_scale_exp":
+        exp(clamped logit_scale), the inverse temperature in [0, max_logit_scale]; "i2t_top1":
+        fraction of images whose most similar caption in the batch is theirs (or the same text,
+        or one of the same class), in [0, 1]})."""
         ids = self.pick_captions(batch, jax.random.fold_in(key, 0))
         positives = targets = None
         if self.attribute_targets:      # graded by the attributes image i and caption j share
             attrs = batch["attributes"]
             shared = jnp.sum(attrs[:, None, :] == attrs[None, :, :], axis=-1)         # [B, B]
             targets = jnp.exp(self.attribute_targets * (shared - attrs.shape[1]).astype(jnp.float32))
+            positives = shared == attrs.shape[1]        # the same class: for i2t_top1 only
         if self.class_positives:        # same caption class: a fitting pair, not a negative
             positives = batch["class_id"][:, None] == batch["class_id"][None, :]
         if self.partial:                # its rule includes the same class for full captions
@@ -400,8 +403,8 @@ class ClipTask(Task):
         dtype = jax.tree_util.tree_leaves(params)[0].dtype
         out = self.model.apply({"params": params}, ids, self.pixel_values(batch["image"]).astype(dtype))
         scale = self.clamped_logit_scale(params)
-        loss = clip_utils.clip_loss(out.image_embeds, out.text_embeds, scale, positives=positives,
-                                    targets=targets)
+        loss = clip_utils.clip_loss(out.image_embeds, out.text_embeds, scale,
+                                    positives=None if targets is not None else positives, targets=targets)
         # in-batch accuracy: the own caption (or an identical one, or one that fits) scores highest
         sim = out.image_embeds @ out.text_embeds.T                                   # [B, B]
         same = jnp.all(ids[:, None, :] == ids[None, :, :], axis=-1)                  # [B, B]
