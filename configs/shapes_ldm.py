@@ -130,8 +130,9 @@ def get_config(arg: str | None = None):
         # autoencoder and U-Net; guidance 2 beats 3 and 1.5 on shape (0.78 vs 0.71, 0.74) at
         # 1,000 U-Net steps
         c.stages.vae.total_steps = 600
-        # a smoother latent space (KL weight 1e-3 instead of 1e-4): shape 0.772 -> 0.802, held-out
-        # 0.694 -> 0.778 (docs/LDM.md, row H; 1e-2 costs the autoencoder its squares)
+        # a smoother latent space (KL weight 1e-3 instead of 1e-4): shape 0.732 -> 0.779, held-out
+        # 0.667 -> 0.806 (two training seeds, three sample sets each; docs/LDM.md, row H); 1e-2
+        # costs the autoencoder its squares
         c.stages.vae.objective.beta = 1e-3
         c.stages.unet.total_steps = 1000
         c.total_steps = 1000
