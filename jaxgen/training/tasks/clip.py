@@ -393,7 +393,6 @@ class ClipTask(Task):
             attrs = batch["attributes"]
             shared = jnp.sum(attrs[:, None, :] == attrs[None, :, :], axis=-1)         # [B, B]
             targets = jnp.exp(self.attribute_targets * (shared - attrs.shape[1]).astype(jnp.float32))
-            positives = shared == attrs.shape[1]        # the same class: for i2t_top1 only
         if self.class_positives:        # same caption class: a fitting pair, not a negative
             positives = batch["class_id"][:, None] == batch["class_id"][None, :]
         if self.partial:                # its rule includes the same class for full captions
@@ -403,13 +402,15 @@ class ClipTask(Task):
         dtype = jax.tree_util.tree_leaves(params)[0].dtype
         out = self.model.apply({"params": params}, ids, self.pixel_values(batch["image"]).astype(dtype))
         scale = self.clamped_logit_scale(params)
-        loss = clip_utils.clip_loss(out.image_embeds, out.text_embeds, scale,
-                                    positives=None if targets is not None else positives, targets=targets)
+        loss = clip_utils.clip_loss(out.image_embeds, out.text_embeds, scale, positives=positives,
+                                    targets=targets)
         # in-batch accuracy: the own caption (or an identical one, or one that fits) scores highest
         sim = out.image_embeds @ out.text_embeds.T                                   # [B, B]
         same = jnp.all(ids[:, None, :] == ids[None, :, :], axis=-1)                  # [B, B]
         if positives is not None:
             same = same | positives
+        if targets is not None:         # weight 1 exactly: the same caption class
+            same = same | (targets == 1.0)
         best = jnp.argmax(sim, axis=1)
         top1 = jnp.mean(jnp.take_along_axis(same, best[:, None], axis=1))
         return loss, {"logit_scale_exp": jnp.exp(scale), "i2t_top1": top1}
